@@ -1,0 +1,40 @@
+# rayfoundry: the two commands a newcomer needs are `make demo` and `make test`.
+# Each creates .venv with python3 -m venv and installs the pinned dependencies when absent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= ray_apps/configs/digits_cnn.yaml
+
+.PHONY: install demo test test-unit test-integration clean help
+
+help:
+	@echo "make demo   - train the default digits job on a local single-node Ray (2 DDP workers)"
+	@echo "make test   - run the unit and integration tests"
+	@echo "make clean  - remove run outputs (runs/, registry/)"
+
+# torch goes in first: DeepSpeed's build imports it, so the project installs without build isolation.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools
+	$(PY) -m pip install -q -c requirements.lock torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -c requirements.lock -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ray_apps train --config $(CONFIG) --restart --json-out runs/demo_result.json
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(STAMP)
+	$(PY) -m pytest tests/integration -q
+
+clean:
+	rm -rf runs registry

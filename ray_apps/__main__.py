@@ -1,0 +1,32 @@
+"""rayfoundry command line: `python -m ray_apps <job> [options]`.
+
+    python -m ray_apps train --config ray_apps/configs/digits_cnn.yaml [--set optim.lr=3e-4] [--dry-run]
+
+Each job lives in its own module here; this file only maps job names to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ray_apps import train
+
+JOBS = {"train": train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_apps",
+        description="Train, tune, export and serve models on Ray from one typed config. "
+        "Runs on a local Ray, or on the cluster in RAY_ADDRESS (as under `ray job submit`).",
+    )
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, module in JOBS.items():
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    return JOBS[args.job].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

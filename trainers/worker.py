@@ -1,0 +1,123 @@
+"""The Ray Train worker function: build, resume, then epoch by epoch train, evaluate, checkpoint.
+
+Runs in each TorchTrainer worker (or once, in Train's local mode, for --dry-run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+
+from trainers.checkpoint import load_trainer_state, save_checkpoint
+from trainers.config import TrainJob
+from trainers.loop import classification_metrics, evaluate, train_epoch
+from trainers.ray_data import PadCollate
+from trainers.models import build_model, load_tokenizer, model_config
+from trainers.strategy import all_reduce_sum, build_engine
+
+EVAL_BATCH = 256
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def quiet_worker_logs() -> None:
+    """Keep Ray Train's per-report INFO lines off the console so the epoch lines stay readable.
+    One of them logs through a logger named by its file path, outside the `ray.train` tree."""
+    from ray.train.v2._internal.execution import context
+
+    for name in ("ray.train", context.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    return (f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+            f"val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
+            f"samples/s {m['train_samples_per_s']:.0f}  step {m['global_step']}  ({m['epoch_seconds']:.1f}s)")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    job = TrainJob.model_validate(config["job"])
+    quiet_worker_logs()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.scaling.threads_per_worker)
+    device = ray.train.torch.get_device()
+    labels, dry_run = config["labels"], config["dry_run"]
+
+    seed_everything(job.run.seed)  # identical initial weights on every rank
+    model = build_model(job.model, labels, config["num_features"])
+    if config["feature_moments"] and getattr(job.model, "standardize", False):
+        mean, std = config["feature_moments"]
+        model.mean.copy_(torch.tensor(mean)), model.std.copy_(torch.tensor(std))
+    engine = build_engine(model, job, config["total_steps"], distributed=world > 1)
+    tokenizer = load_tokenizer(job.model) if job.model.type == "text" else None
+    own_config = None if job.model.type == "text" else model_config(job.model, len(labels), config["num_features"], labels)
+    seed_everything(job.run.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
+
+    start_epoch, history = 1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint and not dry_run:
+        with checkpoint.as_directory() as d:
+            state = load_trainer_state(Path(d), engine, rank)
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"resumed from epoch {state['epoch']} (step {engine.global_step}) of {Path(checkpoint.path).name}",
+                  flush=True)
+
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    collate_fn = PadCollate(pad_id)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    label_map = {"labels": labels, "label_column": job.data.label_column, "text_column": job.data.text_column,
+                 "feature_columns": config["feature_columns"]}
+
+    for epoch in range(start_epoch, job.run.epochs + 1):
+        t0 = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=job.micro_batch_size, collate_fn=collate_fn,
+            local_shuffle_buffer_size=job.data.shuffle_buffer or None,
+            local_shuffle_seed=job.run.seed * 100_003 + epoch * 101 + rank if job.data.shuffle_buffer else None,
+        )
+        stats = train_epoch(engine, batches, accum_steps=job.optim.grad_accum_steps, device=device,
+                            precision=job.optim.precision, max_steps=2 if dry_run else None)
+        # Validation is not split by Ray: every worker reads it and scores every world-th batch.
+        val_batches = (b for i, b in enumerate(val_shard.iter_torch_batches(batch_size=EVAL_BATCH, collate_fn=collate_fn))
+                       if i % world == rank and not (dry_run and i >= 2 * world))
+        sums = evaluate(engine.unwrapped(), val_batches, len(labels), device, job.optim.precision)
+        sums |= {"train_loss_sum": torch.tensor(stats["train_loss_sum"], dtype=torch.float64),
+                 "train_rows": torch.tensor(stats["train_rows"], dtype=torch.float64)}
+        sums = all_reduce_sum(sums)
+        train_rows = float(sums["train_rows"])
+        metrics = classification_metrics(sums) | {
+            "epoch": epoch, "global_step": engine.global_step,
+            "train_loss": float(sums["train_loss_sum"]) / max(train_rows, 1.0),
+            "train_rows": int(train_rows), "train_seconds": stats["seconds"],
+            "train_samples_per_s": train_rows / max(stats["seconds"], 1e-9),
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(format_epoch(epoch, job.run.epochs, metrics), flush=True)
+        if dry_run:
+            ray.train.report(metrics)
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), rank=rank, engine=engine, own_config=own_config, tokenizer=tokenizer,
+                            label_map=label_map, trainer_state={"epoch": epoch, "history": history},
+                            job_yaml=yaml.safe_dump(json.loads(job.model_dump_json()), sort_keys=False))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
