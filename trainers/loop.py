@@ -48,12 +48,14 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
 
     Gradients of the micro-batches between steps are not synchronized (DDP no_sync); the last
     micro-batch of the epoch always steps so no gradient is carried into the next epoch.
-    Returns mean train loss, rows seen, optimizer steps and wall seconds on this worker.
+    Returns the loss sum, rows seen, optimizer steps, wall seconds and the seconds spent waiting for
+    the next batch (input-pipeline stalls) on this worker.
     """
     engine.model.train()
-    loss_sum, rows, steps, micro = 0.0, 0, 0, 0
-    start = time.perf_counter()
+    loss_sum, rows, steps, micro, data_wait = 0.0, 0, 0, 0, 0.0
+    start = waited_from = time.perf_counter()
     for last, batch in _with_last(batches):
+        data_wait += time.perf_counter() - waited_from
         inputs, labels = _inputs(batch, device)
         micro += 1
         sync = last or micro % accum_steps == 0 or (max_steps is not None and steps + 1 >= max_steps)
@@ -68,7 +70,9 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
             micro = 0
             if max_steps is not None and steps >= max_steps:
                 break
-    return {"train_loss_sum": loss_sum, "train_rows": rows, "steps": steps, "seconds": time.perf_counter() - start}
+        waited_from = time.perf_counter()
+    return {"train_loss_sum": loss_sum, "train_rows": rows, "steps": steps,
+            "seconds": time.perf_counter() - start, "data_wait_seconds": data_wait}
 
 
 @torch.no_grad()

@@ -30,17 +30,16 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
 
 def quiet_env() -> dict[str, str]:
+    """Environment for every Ray process of a run: offline model loading, readable logs."""
     return {"RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def quiet_libraries() -> None:
     for k, v in quiet_env().items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):

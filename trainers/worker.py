@@ -38,7 +38,11 @@ def seed_everything(seed: int) -> None:
 def quiet_worker_logs() -> None:
     """Keep Ray Train's per-report INFO lines off the console so the epoch lines stay readable.
     One of them logs through a logger named by its file path, outside the `ray.train` tree."""
+    import transformers
     from ray.train.v2._internal.execution import context
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     for name in ("ray.train", context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -47,7 +51,7 @@ def quiet_worker_logs() -> None:
 def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
     return (f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
             f"val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
-            f"samples/s {m['train_samples_per_s']:.0f}  step {m['global_step']}  ({m['epoch_seconds']:.1f}s)")
+            f"samples/s {m['train_samples_per_s']:.0f}  data_wait {m['data_wait_seconds']:.1f}s  step {m['global_step']}  ({m['epoch_seconds']:.1f}s)")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,6 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch, "global_step": engine.global_step,
             "train_loss": float(sums["train_loss_sum"]) / max(train_rows, 1.0),
             "train_rows": int(train_rows), "train_seconds": stats["seconds"],
+            "data_wait_seconds": stats["data_wait_seconds"],
             "train_samples_per_s": train_rows / max(stats["seconds"], 1e-9),
             "epoch_seconds": time.perf_counter() - t0,
         }
