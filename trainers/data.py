@@ -44,30 +44,38 @@ def _bad_rows(names: list[str], path: str, bad: list[tuple[int, str]]) -> pa.Tab
     return _with_provenance(pa.table(empty), path, np.array([b[0] for b in bad]), [b[1] for b in bad])
 
 
-def parse_delimited(f, path: str, delimiter: str, header: bool, columns: list[str] | None) -> Iterator[pa.Table]:
-    """Stream a CSV/TSV file as all-string tables. TSV is read with quoting off, as GLUE files need."""
-    bad: list[tuple[int, str]] = []
-    skipped_lines: list[int] = []
-
-    def on_invalid(row) -> str:
-        if row.actual_columns == 1 and row.text.strip() == "":
-            skipped_lines.append(row.number)  # a blank line is not a row
-        else:
-            bad.append((row.number, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
-            skipped_lines.append(row.number)
-        return "skip"
-
-    reader = pacsv.open_csv(
+def _open_csv(f, delimiter: str, on_invalid):
+    return pacsv.open_csv(
         f,
         read_options=pacsv.ReadOptions(autogenerate_column_names=True, use_threads=False, block_size=1 << 22),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
             ignore_empty_lines=False, invalid_row_handler=on_invalid,
         ),
+        # Every column as string, so one odd value is a bad row, not a failed type inference.
         convert_options=pacsv.ConvertOptions(
             column_types={f"f{i}": pa.string() for i in range(_MAX_COLUMNS)}, strings_can_be_null=False,
         ),
     )
+
+
+def parse_delimited(f, path: str, delimiter: str, header: bool, columns: list[str] | None) -> Iterator[pa.Table]:
+    """Stream a CSV/TSV file as all-string tables. TSV is read with quoting off, as GLUE files need."""
+    bad: list[tuple[int, str]] = []
+    skipped_lines: list[int] = []
+
+    def on_invalid(row) -> str:
+        if not (row.actual_columns == 1 and row.text.strip() == ""):  # a blank line is not a row
+            bad.append((row.number, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
+        skipped_lines.append(row.number)
+        return "skip"
+
+    try:
+        reader = _open_csv(f, delimiter, on_invalid)
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            return  # no rows; the caller reports the empty source
+        raise DataError(f"{path}: cannot parse as {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
     names, next_line = list(columns or []), 1
     for batch in reader:
         table = pa.Table.from_batches([batch])
@@ -287,8 +295,8 @@ def encode_batch(
     if spec.text_column:
         texts = batch.column(spec.text_column).to_pylist()
         for i, t in enumerate(texts):
-            if t is None:
-                flag(i, spec.text_column, "missing text")
+            if t is None or not t.strip():
+                flag(i, spec.text_column, "empty text")
         if tokenizer is not None:
             ids = tokenizer([t or "" for t in texts], truncation=True, max_length=max_length)["input_ids"]
             out["input_ids"] = np.array([np.asarray(x, dtype=np.int64) for x in ids] + [None], dtype=object)[:-1]

@@ -36,9 +36,12 @@ class ProvenanceFileSource(FileBasedDatasource):
         yield from parse_stream(f, path, self._fmt, self._header, self._columns)
 
 
-def _check_local_path(path: str, field: str) -> None:
-    if "://" not in path and not Path(path).exists():
-        raise DataError(f"data.{field}: no such file or directory: '{path}'")
+def check_local_paths(cfg: DataSection) -> None:
+    """Fail before Ray starts when a local data path does not exist (URIs are checked by the read)."""
+    for field in ("train_path", "validation_path"):
+        path = getattr(cfg, field)
+        if path and "://" not in path and not path.startswith("sklearn:") and not Path(path).exists():
+            raise DataError(f"data.{field}: no such file or directory: '{path}'")
 
 
 def read_source(path: str, cfg: DataSection, field: str) -> ray.data.Dataset:
@@ -46,7 +49,6 @@ def read_source(path: str, cfg: DataSection, field: str) -> ray.data.Dataset:
     if path.startswith("sklearn:"):
         ds = ray.data.from_arrow(load_builtin(path))
     else:
-        _check_local_path(path, field)
         source = ProvenanceFileSource(
             path if "://" in path else os.path.abspath(path), cfg.resolved_format(path), cfg.header, cfg.columns,
         )
@@ -85,10 +87,18 @@ def scan_source(ds: ray.data.Dataset, spec: FieldSpec, label_ids, seed: int, fra
     """One distributed pass over a source; returns (all rows, validation-split rows) statistics."""
     parts = ds.map_batches(_scan, fn_args=(spec, label_ids, seed, fraction), batch_format="pyarrow", batch_size=4096)
     total, val = SourceStats(), SourceStats()
-    for row in parts.iter_rows():
-        d = json.loads(row["stats"])
-        total.merge(SourceStats.from_dict(d["all"]))
-        val.merge(SourceStats.from_dict(d["val"]))
+    try:
+        for row in parts.iter_rows():
+            d = json.loads(row["stats"])
+            total.merge(SourceStats.from_dict(d["all"]))
+            val.merge(SourceStats.from_dict(d["val"]))
+    except Exception as e:  # a DataError raised in a read task arrives wrapped by Ray
+        cause = e
+        while not isinstance(cause, DataError) and isinstance(getattr(cause, "cause", None) or cause.__cause__, BaseException):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, DataError):
+            raise DataError(str(cause)) from None
+        raise
     return total, val
 
 

@@ -76,7 +76,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     from ray.train.torch import TorchTrainer
 
     from trainers.models import default_text_model_dir
-    from trainers.ray_data import prepare_data, quiet_ray_data
+    from trainers.ray_data import check_local_paths, prepare_data, quiet_ray_data
     from trainers.worker import train_loop_per_worker
 
     out_dir = run_dir(job)
@@ -90,6 +90,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             f"--restart trains again, --set run.epochs=N continues")
         return previous
 
+    check_local_paths(job.data)
     if dry_run:
         job = job.model_copy(deep=True)
         job.data.max_rows = min(job.data.max_rows or 256, 256)
