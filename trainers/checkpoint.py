@@ -48,7 +48,11 @@ def verify_checksums(directory: Path) -> None:
     if not manifests:
         raise CheckpointError(f"{directory}: no checksums.rank*.json; not a complete rayfoundry checkpoint")
     for manifest in manifests:
-        for name, expected in json.loads(manifest.read_text()).items():
+        try:
+            listed = json.loads(manifest.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{manifest}: unreadable checksum manifest ({e})") from None
+        for name, expected in listed.items():
             path = directory / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing from checkpoint (listed in {manifest.name})")
@@ -137,6 +141,11 @@ def load_trainer_state(directory: Path, engine, rank: int) -> dict[str, Any]:
     verify_checksums(directory)
     model = engine.unwrapped()
     weights = load_weights(str(directory / "model.safetensors"))
+    expected = model.state_dict()
+    resized = [k for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    if resized:
+        raise CheckpointError(f"{directory / 'model.safetensors'}: does not match the model "
+                              f"(other shapes for {resized[:3]}; was the model config changed?)")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # save_pretrained drops tied weights (e.g. decoder tied to embeddings); anything else is an error.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

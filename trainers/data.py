@@ -65,8 +65,7 @@ def parse_delimited(f, path: str, delimiter: str, header: bool, columns: list[st
     skipped_lines: list[int] = []
 
     def on_invalid(row) -> str:
-        if not (row.actual_columns == 1 and row.text.strip() == ""):  # a blank line is not a row
-            bad.append((row.number, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
+        bad.append((row.number, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
         skipped_lines.append(row.number)
         return "skip"
 
@@ -76,7 +75,7 @@ def parse_delimited(f, path: str, delimiter: str, header: bool, columns: list[st
         if "Empty CSV file" in str(e):
             return  # no rows; the caller reports the empty source
         raise DataError(f"{path}: cannot parse as {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
-    names, next_line = list(columns or []), 1
+    names, next_line, newlines_before = list(columns or []), 1, 0
     for batch in reader:
         table = pa.Table.from_batches([batch])
         if header and not names:
@@ -85,12 +84,27 @@ def parse_delimited(f, path: str, delimiter: str, header: bool, columns: list[st
         if len(names) != table.num_columns:
             raise DataError(f"{path}: {table.num_columns} columns in the file but {len(names)} names: {names}")
         table = table.rename_columns(names)
-        # Line numbers of the parsed rows: consecutive lines minus blank and invalid ones.
+        # pyarrow numbers records; skipped (invalid) records leave gaps in that numbering.
         gaps = sorted(n for n in skipped_lines if n >= next_line)
         span = np.arange(next_line, next_line + table.num_rows + len(gaps))
-        lines = span[~np.isin(span, gaps)][: table.num_rows]
-        next_line = int(lines[-1]) + 1 if len(lines) else next_line
+        records = span[~np.isin(span, gaps)][: table.num_rows]
+        next_line = int(records[-1]) + 1 if len(records) else next_line
         skipped_lines[:] = [n for n in skipped_lines if n >= next_line]
+        # Quoted CSV values may hold newlines: shift later rows to their physical line.
+        inner = np.zeros(table.num_rows, dtype=np.int64)
+        for col in table.columns:
+            inner += pc.fill_null(pc.count_substring(col, "\n"), 0).to_numpy(zero_copy_only=False)
+        before = newlines_before + np.concatenate([[0], np.cumsum(inner)[:-1]]).astype(np.int64)
+        lines = records + before
+        for i, (record, problem) in enumerate(bad):
+            bad[i] = (record + newlines_before + int(inner[records < record].sum()), problem)
+        newlines_before += int(inner.sum())
+        # A blank line arrives as a row of empty strings; it is not a row.
+        blank = np.ones(table.num_rows, dtype=bool)
+        for col in table.columns:
+            blank &= pc.equal(col, "").to_numpy(zero_copy_only=False)
+        if blank.any():
+            table, lines = table.filter(pa.array(~blank)), lines[~blank]
         yield _with_provenance(table, path, lines)
         if bad:
             yield _bad_rows(names, path, bad)
@@ -129,6 +143,8 @@ def _jsonl_table(rows, names, path, lines, errors) -> pa.Table:
 
 
 def parse_parquet(f, path: str) -> Iterator[pa.Table]:
+    if not f.seekable():  # Ray Data hands a sequential stream; Parquet's footer needs random access
+        f = pa.BufferReader(f.read())
     offset = 1
     for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS):
         table = pa.Table.from_batches([batch])

@@ -179,6 +179,16 @@ def _check_bad_rows(stats: SourceStats, cfg: DataSection, source: str) -> int:
     return stats.bad_rows
 
 
+def quiet_ray_data_console() -> None:
+    """Raise Ray Data's console handler to WARNING in this process (its log file keeps everything).
+    RAY_DATA_LOGGING_CONFIG does the same for every process of a local run; this covers a cluster's."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+
+
 def quiet_ray_data() -> None:
     """Deterministic order, no per-dataset banners. Non-interactive runs log progress at INFO, which
     ray_data_logging.yaml keeps off the console, so the per-epoch lines stay readable."""
@@ -186,3 +196,4 @@ def quiet_ray_data() -> None:
     ctx.execution_options.preserve_order = True  # deterministic limit/split/shuffle for a given seed
     ctx.print_on_execution_start = False
     ctx.use_ray_tqdm = False  # in Train workers, log progress (filtered) instead of drawing tqdm bars
+    quiet_ray_data_console()

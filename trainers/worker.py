@@ -22,7 +22,7 @@ import yaml
 from trainers.checkpoint import load_trainer_state, save_checkpoint
 from trainers.config import TrainJob
 from trainers.loop import classification_metrics, evaluate, train_epoch
-from trainers.ray_data import PadCollate
+from trainers.ray_data import PadCollate, quiet_ray_data_console
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.strategy import all_reduce_sum, build_engine
 
@@ -46,6 +46,7 @@ def quiet_worker_logs() -> None:
 
     for name in ("ray.train", context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_data_console()
 
 
 def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
