@@ -28,7 +28,7 @@ def ray_cluster():
     from trainers.run import connect_ray, quiet_libraries
 
     quiet_libraries()
-    connect_ray(num_cpus=2)
+    connect_ray(num_cpus=2, address="local")  # never join a stray `ray start` head
     import ray
 
     yield ray

@@ -15,14 +15,17 @@ from typing import Any
 from trainers.config import TrainJob
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS (ray job submit sets it) or start a quiet local Ray."""
+def connect_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Join RAY_ADDRESS (ray job submit sets it), or a local `ray start` head, or start a quiet
+    local Ray. address="local" always starts a new one (tests)."""
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS"):
+    if address:
+        kwargs["address"] = address
+    if address == "local" or not os.environ.get("RAY_ADDRESS"):
         # A local Ray we start ourselves gets quiet logging in every process; on a cluster the job's
         # runtime_env carries the same variables (see cluster_configs/ and the README).
         kwargs |= {"num_cpus": num_cpus, "runtime_env": {"env_vars": quiet_env()}}
