@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -55,21 +54,38 @@ def run_dir(job: TrainJob) -> str:
     return f"{base.rstrip('/')}/{job.run.name}"
 
 
-def _write_text(uri: str, text: str) -> None:
-    if "://" in uri:
-        import pyarrow.fs as pafs
+def _fs(uri: str):
+    """(pyarrow filesystem, path) for a local absolute path or any URI pyarrow reads."""
+    import pyarrow.fs as pafs
 
-        fs, path = pafs.FileSystem.from_uri(uri)
-        with fs.open_output_stream(path) as f:
-            f.write(text.encode())
-    else:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        Path(uri).write_text(text)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
 
 
 def _read_result(uri: str) -> dict | None:
-    path = Path(uri)
-    return json.loads(path.read_text()) if "://" not in uri and path.is_file() else None
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _delete_run(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    fs.delete_dir(path)
+    return True
 
 
 def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=print) -> dict[str, Any]:
@@ -84,8 +100,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
 
     out_dir = run_dir(job)
     result_path = f"{out_dir}/result.json"
-    if restart and "://" not in out_dir and Path(out_dir).exists():
-        shutil.rmtree(out_dir)
+    if restart and not dry_run and _delete_run(out_dir):
         log(f"--restart: removed {out_dir}")
     previous = None if dry_run else _read_result(result_path)
     if previous and previous["epochs_completed"] >= job.run.epochs:

@@ -39,17 +39,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any, total_step
 class DDPEngine:
     """DDP through ray.train.torch.prepare_model; a single process (local mode) runs unwrapped."""
 
-    def __init__(self, model: nn.Module, optim_cfg: Any, strategy_cfg: Any, total_steps: int, distributed: bool):
-        if distributed:
+    def __init__(self, model: nn.Module, optim_cfg: Any, strategy_cfg: Any, total_steps: int, distributed: bool,
+                 device: torch.device):
+        if distributed:  # prepare_model moves to the worker's device and wraps (gloo on CPU, NCCL on GPU)
             import ray.train.torch
 
             model = ray.train.torch.prepare_model(
                 model, parallel_strategy_kwargs={"find_unused_parameters": strategy_cfg.find_unused_parameters}
             )
         else:
-            from ray.train.torch import get_device
-
-            model = model.to(get_device())
+            model = model.to(device)
         self.model = model
         self.optimizer = build_optimizer(self.unwrapped(), optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
@@ -76,9 +75,9 @@ class DDPEngine:
         self.global_step += 1
 
 
-def build_engine(model: nn.Module, job: Any, total_steps: int, distributed: bool):
+def build_engine(model: nn.Module, job: Any, total_steps: int, distributed: bool, device: torch.device):
     if job.strategy.name == "ddp":
-        return DDPEngine(model, job.optim, job.strategy, total_steps, distributed)
+        return DDPEngine(model, job.optim, job.strategy, total_steps, distributed, device)
     raise ValueError(f"strategy.name: unknown strategy {job.strategy.name!r}")
 
 

@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config["feature_moments"] and getattr(job.model, "standardize", False):
         mean, std = config["feature_moments"]
         model.mean.copy_(torch.tensor(mean)), model.std.copy_(torch.tensor(std))
-    engine = build_engine(model, job, config["total_steps"], distributed=world > 1)
+    engine = build_engine(model, job, config["total_steps"], distributed=world > 1, device=device)
     tokenizer = load_tokenizer(job.model) if job.model.type == "text" else None
     own_config = None if job.model.type == "text" else model_config(job.model, len(labels), config["num_features"], labels)
     seed_everything(job.run.seed + 1000 * (rank + 1))  # distinct dropout streams per rank

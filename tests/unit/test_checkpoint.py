@@ -16,10 +16,11 @@ import torch
 
 from trainers.checkpoint import CheckpointError, load_for_inference, load_trainer_state, save_checkpoint, \
     verify_checksums
-from trainers.config import CNNModel, OptimSection, TextModel
+from trainers.config import CNNModel, DDPStrategy, OptimSection, TextModel
 from trainers.models import build_model, load_tokenizer, model_config
-from trainers.strategy import build_optimizer, build_scheduler
+from trainers.strategy import DDPEngine
 
+CPU = torch.device("cpu")
 DIGITS = [str(i) for i in range(10)]
 CNN = CNNModel(type="cnn", channels=[4, 8], hidden=16, dropout=0.3)  # dropout, so resuming needs the RNG
 OPTIM = OptimSection(lr=1e-2, warmup_fraction=0.2)
@@ -27,35 +28,17 @@ LABEL_MAP = {"labels": DIGITS, "label_column": "target", "text_column": None, "f
 JOB_YAML = "data:\n  train_path: sklearn:digits\nmodel:\n  type: cnn\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall when Ray workers share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+def LocalEngine(model: torch.nn.Module, total_steps: int = 10) -> DDPEngine:
+    return DDPEngine(model, OPTIM, DDPStrategy(name="ddp"), total_steps, distributed=False, device=CPU)
 
 
-class LocalEngine:
-    """The Engine shape from trainers/strategy.py, single process. (DDPEngine(distributed=False) calls
-    ray.train.torch.get_device(), which raises outside a Ray Train worker.)"""
-
-    def __init__(self, model: torch.nn.Module, total_steps: int = 10):
-        self.model = model
-        self.optimizer = build_optimizer(model, OPTIM)
-        self.scheduler = build_scheduler(self.optimizer, OPTIM, total_steps)
-        self.global_step = 0
-
-    def unwrapped(self) -> torch.nn.Module:
-        return self.model
-
-
-def cnn_engine(seed: int, cfg: CNNModel = CNN) -> LocalEngine:
+def cnn_engine(seed: int, cfg: CNNModel = CNN) -> DDPEngine:
     torch.manual_seed(seed)
     return LocalEngine(build_model(cfg, DIGITS))
 
 
-def train_steps(engine: LocalEngine, steps: int) -> None:
+def train_steps(engine: DDPEngine, steps: int) -> None:
     g = torch.Generator().manual_seed(123)
     x, y = torch.randint(0, 17, (16, 64), generator=g).float(), torch.randint(0, 10, (16,), generator=g)
     engine.model.train()
@@ -67,7 +50,7 @@ def train_steps(engine: LocalEngine, steps: int) -> None:
         engine.global_step += 1
 
 
-def save(directory: Path, engine: LocalEngine, rank: int = 0, cfg: CNNModel = CNN, epoch: int = 1) -> None:
+def save(directory: Path, engine: DDPEngine, rank: int = 0, cfg: CNNModel = CNN, epoch: int = 1) -> None:
     save_checkpoint(directory, rank=rank, engine=engine, own_config=model_config(cfg, 10, None, DIGITS),
                     tokenizer=None, label_map=LABEL_MAP,
                     trainer_state={"epoch": epoch, "history": [{"epoch": epoch, "val_accuracy": 0.5}]},

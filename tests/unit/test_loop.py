@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from trainers.config import OptimSection
+from trainers.config import DDPStrategy, OptimSection
 from trainers.loop import classification_metrics, evaluate, train_epoch
 from trainers.models import TabularMLP
-from trainers.strategy import build_optimizer, build_scheduler
+from trainers.strategy import DDPEngine
 
 
-class LocalEngine:
-    """The Engine shape from trainers/strategy.py, single process, counting steps."""
-
-    def __init__(self, model, optim_cfg, total_steps):
-        self.model = model
-        self.optimizer = build_optimizer(model, optim_cfg)
-        self.scheduler = build_scheduler(self.optimizer, optim_cfg, total_steps)
-        self.global_step = 0
-
-    def unwrapped(self):
-        return self.model
-
-    def sync_gradients(self, sync):
-        import contextlib
-        return contextlib.nullcontext()
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad()
-        self.global_step += 1
+def LocalEngine(model, optim_cfg, total_steps) -> DDPEngine:
+    return DDPEngine(model, optim_cfg, DDPStrategy(name="ddp"), total_steps, distributed=False,
+                     device=torch.device("cpu"))
 
 
 def _blobs(n=512, seed=0):

@@ -11,24 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY_BERT
+
 from trainers.config import CNNModel, MLPModel, TextModel
 from trainers.models import (DigitsCNN, TabularMLP, build_model, default_text_model_dir, load_model, load_tokenizer,
                              model_config, save_model)
 
 DIGITS = [str(i) for i in range(10)]
-# A 2-layer, 32-wide BERT on MiniLM's vocabulary.
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-             "max_position_embeddings": 128}
 TINY_TEXT = TextModel(type="text", from_config=TINY_BERT)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not stall when Ray workers share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pixels(batch: int, seed: int = 0) -> torch.Tensor:
