@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -43,11 +43,13 @@ def _with_last(items: Iterable) -> Iterator[tuple[bool, Any]]:
 
 
 def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: torch.device,
-                precision: str = "fp32", max_steps: int | None = None) -> dict[str, float]:
+                precision: str = "fp32", max_steps: int | None = None,
+                on_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """One pass: forward, backward, and an optimizer step every `accum_steps` micro-batches.
 
     Gradients of the micro-batches between steps are not synchronized (DDP no_sync); the last
     micro-batch of the epoch always steps so no gradient is carried into the next epoch.
+    `on_step`, when given, is called after every optimizer step with this worker's running totals.
     Returns the loss sum, rows seen, optimizer steps, wall seconds and the seconds spent waiting for
     the next batch (input-pipeline stalls) on this worker.
     """
@@ -68,6 +70,8 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
             engine.step()
             steps += 1
             micro = 0
+            if on_step is not None:
+                on_step({"steps": steps, "rows": rows, "loss": loss_sum / rows, "seconds": time.perf_counter() - start})
             if max_steps is not None and steps >= max_steps:
                 break
         waited_from = time.perf_counter()

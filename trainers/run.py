@@ -135,6 +135,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             "job": json.loads(job.model_dump_json()), "labels": data.labels, "num_features": data.num_features,
             "feature_columns": list(data.feature_columns) if data.feature_columns else None,
             "feature_moments": data.feature_moments, "total_steps": steps_per_epoch * job.run.epochs,
+            "steps_per_epoch": steps_per_epoch,
             "dry_run": dry_run,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -163,6 +164,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         "epochs_completed": metrics.get("epoch"), "global_step": metrics.get("global_step"),
         "final_metrics": metrics, "best_metrics": best_metrics, "best_checkpoint": best_ckpt,
         "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "use_gpu": bool(use_gpu), "num_workers": world,
         "labels": data.labels, "train_rows": data.train_rows, "val_rows": data.val_rows,
         "skipped_rows": data.skipped_rows, "wall_seconds": round(time.time() - started, 2),
         "samples_per_s": metrics.get("train_samples_per_s"),

@@ -55,6 +55,21 @@ def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
             f"samples/s {m['train_samples_per_s']:.0f}  data_wait {m['data_wait_seconds']:.1f}s  step {m['global_step']}  ({m['epoch_seconds']:.1f}s)")
 
 
+class ProgressLine:
+    """Rank 0's in-epoch progress, at most one line per `every_s` seconds, so long epochs show life."""
+
+    def __init__(self, epoch: int, epochs: int, steps_per_epoch: int, world: int, every_s: float = 30.0):
+        self.prefix, self.total, self.world, self.every_s = f"epoch {epoch}/{epochs}", steps_per_epoch, world, every_s
+        self.last = time.perf_counter()
+
+    def __call__(self, s: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and s["steps"] < self.total:
+            self.last = now
+            print(f"{self.prefix}  step {s['steps']}/{self.total}  train_loss {s['loss']:.4f}  "
+                  f"samples/s {s['rows'] * self.world / s['seconds']:.0f}", flush=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job = TrainJob.model_validate(config["job"])
     quiet_worker_logs()
@@ -98,7 +113,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=job.run.seed * 100_003 + epoch * 101 + rank if job.data.shuffle_buffer else None,
         )
         stats = train_epoch(engine, batches, accum_steps=job.optim.grad_accum_steps, device=device,
-                            precision=job.optim.precision, max_steps=2 if dry_run else None)
+                            precision=job.optim.precision, max_steps=2 if dry_run else None,
+                            on_step=ProgressLine(epoch, job.run.epochs, config["steps_per_epoch"], world)
+                            if rank == 0 else None)
         # Validation is not split by Ray: every worker reads it and scores every world-th batch.
         val_batches = (b for i, b in enumerate(val_shard.iter_torch_batches(batch_size=EVAL_BATCH, collate_fn=collate_fn))
                        if i % world == rank and not (dry_run and i >= 2 * world))

@@ -38,6 +38,23 @@ def test_train_epoch_lowers_loss_and_counts_steps_with_accumulation():
     assert engine.global_step == 36
 
 
+def test_on_step_sees_running_totals_after_each_optimizer_step():
+    seen = []
+    engine = LocalEngine(TabularMLP(4, 3, [8], 0.0), OptimSection(), total_steps=10)
+    train_epoch(engine, _blobs(128), accum_steps=2, device=torch.device("cpu"), on_step=seen.append)
+    assert [s["steps"] for s in seen] == [1, 2]
+    assert [s["rows"] for s in seen] == [64, 128]
+    assert all(s["loss"] > 0 and s["seconds"] > 0 for s in seen)
+
+
+def test_bf16_autocast_trains_on_cpu():
+    engine = LocalEngine(TabularMLP(4, 3, [8], 0.0), OptimSection(precision="bf16"), total_steps=10)
+    out = train_epoch(engine, _blobs(128), accum_steps=1, device=torch.device("cpu"), precision="bf16")
+    assert out["steps"] == 4 and torch.isfinite(torch.tensor(out["train_loss_sum"]))
+    sums = evaluate(engine.model, _blobs(64), 3, torch.device("cpu"), precision="bf16")
+    assert classification_metrics(sums)["val_rows"] == 64
+
+
 def test_max_steps_stops_early():
     engine = LocalEngine(TabularMLP(4, 3, [8], 0.0), OptimSection(), total_steps=10)
     out = train_epoch(engine, _blobs(), accum_steps=1, device=torch.device("cpu"), max_steps=2)
