@@ -21,8 +21,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import FileBasedDatasource
 
 from trainers.config import DataSection, TrainJob
-from trainers.data import (DataError, FieldSpec, SourceStats, collate, encode_batch, load_builtin, parse_stream,
-                           split_mask)
+from trainers.data import DataError, FieldSpec, SourceStats, collate, encode_batch, split_mask
+from trainers.sources import load_builtin, parse_stream
 
 
 class ProvenanceFileSource(FileBasedDatasource):

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainers.data import DataError, FieldSpec, SourceStats, collate, encode_batch, load_builtin, parse_stream, split_mask
+from trainers.data import DataError, FieldSpec, SourceStats, collate, encode_batch, split_mask
+from trainers.sources import load_builtin, parse_stream
 
 LABELS_01 = {"0": 0, "1": 1}
 
