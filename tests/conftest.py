@@ -15,6 +15,45 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
              "max_position_embeddings": 128}
 
 
+def tiny_text_job(shared_data: Path, tmp_path: Path, name: str = "tiny_sst2", strategy: dict | None = None,
+                  epochs: int = 2):
+    """A tiny BERT on an 800-row slice of SST-2 train (and of dev for validation), 2 workers."""
+    from trainers.config import parse_job
+
+    return parse_job({
+        "data": {"train_path": str(shared_data / "sst2" / "train.tsv"),
+                 "validation_path": str(shared_data / "sst2" / "dev.tsv"),
+                 "text_column": "sentence", "label_column": "label", "max_rows": 800, "max_length": 64},
+        "model": {"type": "text", "from_config": TINY_BERT},
+        "optim": {"lr": 1e-3, "batch_size": 32},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "strategy": strategy or {"name": "ddp"},
+        "run": {"name": name, "storage_path": str(tmp_path), "epochs": epochs},
+    })
+
+
+def assert_checkpoint_reproduces_reported_metrics(job, summary: dict) -> None:
+    """Load the run's latest checkpoint with plain transformers and check it scores the validation set
+    exactly as the training engine did when it reported that checkpoint's metrics."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from trainers.loop import classification_metrics, evaluate
+    from trainers.models import default_text_model_dir
+    from trainers.ray_data import PadCollate, prepare_data
+
+    ckpt = Path(summary["latest_checkpoint"])
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt, local_files_only=True)
+    assert model.config.id2label == {i: label for i, label in enumerate(summary["labels"])}
+    data = prepare_data(job, default_text_model_dir())
+    batches = data.val.iter_torch_batches(batch_size=64, collate_fn=PadCollate(0))
+    metrics = classification_metrics(evaluate(model, batches, len(summary["labels"]), torch.device("cpu")))
+    reported = summary["final_metrics"]
+    assert metrics["val_rows"] == reported["val_rows"] == data.val_rows
+    assert metrics["val_accuracy"] == pytest.approx(reported["val_accuracy"], abs=1e-9)
+    assert metrics["val_loss"] == pytest.approx(reported["val_loss"], rel=1e-5)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "sst2" / "train.tsv").is_file():

@@ -4,11 +4,13 @@ Layout (rank 0 writes all but the per-rank files; Ray Train merges the workers' 
   model.safetensors, config.json      model (loads with from_pretrained for text models)
   tokenizer files                     text models
   label_map.json                      labels in id order and the columns they came from
-  optimizer.safetensors               AdamW state; param groups in its metadata
+  optimizer.safetensors               AdamW state, param groups in its metadata (DDP)
+  deepspeed/                          DeepSpeed's own sharded engine state (DeepSpeed runs)
   trainer_state.json                  epoch, global step, scheduler, metrics history
   rng_rank{R}.safetensors             every RNG of worker R, for exact resume
   checksums.rank{R}.json              sha256 of each file worker R wrote
-Nothing here unpickles.
+Nothing here unpickles. (DeepSpeed's loader reads its own shards with torch.load; resume hands it
+only files whose sha256 matches what this run wrote, and export/serving read safetensors only.)
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def verify_checksums(directory: Path) -> None:
                 raise CheckpointError(f"{path}: sha256 mismatch; the file is truncated or altered")
 
 
-def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
@@ -73,7 +75,7 @@ def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> N
     save_file(tensors, str(path), metadata=meta)
 
 
-def _optimizer_from_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -86,7 +88,7 @@ def _optimizer_from_safetensors(optimizer: torch.optim.Optimizer, path: Path) ->
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
 
 
-def _scheduler_state(scheduler) -> dict[str, Any]:
+def scheduler_state(scheduler) -> dict[str, Any]:
     sd = scheduler.state_dict()
     return {k: v for k, v in sd.items() if k != "lr_lambdas"} | {"lr_lambdas": [None] * len(sd.get("lr_lambdas", []))}
 
@@ -117,44 +119,50 @@ def restore_rng(path: Path) -> None:
 
 def save_checkpoint(directory: Path, *, rank: int, engine, own_config: dict | None, tokenizer, label_map: dict,
                     trainer_state: dict, job_yaml: str) -> None:
-    """Write this worker's part of an epoch checkpoint into `directory`."""
+    """Write this worker's part of an epoch checkpoint into `directory`. Every rank must call it: a
+    sharded engine gathers the full weights collectively."""
     directory.mkdir(parents=True, exist_ok=True)
     before = set(directory.rglob("*"))
+    full_weights = engine.full_state_dict()  # collective for ZeRO-3; None where the module is whole
+    engine.save_training_state(directory, rank)
     if rank == 0:
-        save_model(engine.unwrapped(), directory, own_config)
+        save_model(engine.unwrapped(), directory, own_config, full_weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         (directory / "label_map.json").write_text(json.dumps(label_map, indent=2))
-        _optimizer_to_safetensors(engine.optimizer, directory / "optimizer.safetensors")
-        state = trainer_state | {"global_step": engine.global_step, "scheduler": _scheduler_state(engine.scheduler)}
+        state = trainer_state | {"global_step": engine.global_step, "scheduler": scheduler_state(engine.scheduler)}
         (directory / "trainer_state.json").write_text(json.dumps(state, indent=2))
         (directory / "job.yaml").write_text(job_yaml)
     tensors, meta = rng_state()
     save_file(tensors, str(directory / f"rng_rank{rank}.safetensors"), metadata=meta)
-    write_checksums(directory, [p for p in directory.rglob("*") if p not in before], rank)
+    write_checksums(directory, [p for p in directory.rglob("*") if p not in before and p.is_file()], rank)
 
 
-def load_trainer_state(directory: Path, engine, rank: int) -> dict[str, Any]:
-    """Verify checksums, then restore weights, optimizer, scheduler, step and this rank's RNG."""
-    from safetensors.torch import load_file as load_weights
-
-    verify_checksums(directory)
-    model = engine.unwrapped()
-    weights = load_weights(str(directory / "model.safetensors"))
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a consolidated model.safetensors into `model`, refusing one of another architecture."""
+    weights = load_file(str(path))
     expected = model.state_dict()
     resized = [k for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
     if resized:
-        raise CheckpointError(f"{directory / 'model.safetensors'}: does not match the model "
+        raise CheckpointError(f"{path}: does not match the model "
                               f"(other shapes for {resized[:3]}; was the model config changed?)")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # save_pretrained drops tied weights (e.g. decoder tied to embeddings); anything else is an error.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:
-        raise CheckpointError(f"{directory / 'model.safetensors'}: does not match the model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    _optimizer_from_safetensors(engine.optimizer, directory / "optimizer.safetensors")
+        raise CheckpointError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_trainer_state(directory: Path, engine, rank: int) -> dict[str, Any]:
+    """Verify checksums, then restore the engine's state (weights, optimizer, scheduler), the step and
+    this rank's RNG."""
+    verify_checksums(directory)
     state = json.loads((directory / "trainer_state.json").read_text())
-    engine.scheduler.load_state_dict(state["scheduler"])
+    for r in range(state.get("world_size", 1)):
+        if not (directory / f"checksums.rank{r}.json").is_file():
+            raise CheckpointError(f"{directory / f'checksums.rank{r}.json'}: missing; rank {r} never finished "
+                                  "writing this checkpoint")
+    engine.load_training_state(directory, state)
     engine.global_step = state["global_step"]
     rng_file = directory / f"rng_rank{rank}.safetensors"
     if rng_file.exists():

@@ -137,7 +137,38 @@ class DDPStrategy(Section):
     find_unused_parameters: bool = Field(False, description="Passed to DDP for models with unused branches.")
 
 
-StrategySection = Annotated[DDPStrategy, Field(discriminator="name")]
+DERIVED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "optim.batch_size and scaling.num_workers",
+    "train_batch_size": "optim.batch_size", "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "gradient_clipping": "optim.max_grad_norm", "bf16": "optim.precision", "fp16": "optim.precision",
+    "optimizer": "optim (lr, weight_decay)", "scheduler": "optim.scheduler and optim.warmup_fraction",
+}
+
+
+class DeepSpeedStrategy(Section):
+    name: Literal["deepspeed"] = Field(description="DeepSpeed ZeRO; its config is derived from this job.")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, "
+                                         "3 also parameters.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer state in CPU memory.")
+    deepspeed_config: dict[str, Any] | None = Field(
+        None, description="Extra DeepSpeed config merged over the derived one (e.g. zero_optimization.overlap_comm); "
+        "keys derived from the job are refused.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DeepSpeedStrategy:
+        clash = [k for k in (self.deepspeed_config or {}) if k in DERIVED_DEEPSPEED_KEYS]
+        if clash:
+            k = clash[0]
+            raise ValueError(f"strategy.deepspeed_config.{k} is derived from {DERIVED_DEEPSPEED_KEYS[k]}; set that instead")
+        zero = (self.deepspeed_config or {}).get("zero_optimization", {})
+        if not isinstance(zero, dict) or "stage" in zero or "offload_optimizer" in zero:
+            raise ValueError("strategy.deepspeed_config.zero_optimization: set stage and offload through "
+                             "strategy.zero_stage and strategy.offload_optimizer")
+        return self
+
+
+StrategySection = Annotated[DDPStrategy | DeepSpeedStrategy, Field(discriminator="name")]
 
 
 class CheckpointSection(Section):
@@ -150,6 +181,13 @@ class CheckpointSection(Section):
     @property
     def resolved_mode(self) -> str:
         return self.mode or ("min" if self.metric == "val_loss" else "max")
+
+
+class FailureSection(Section):
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group failures Ray Train recovers from (restart from the latest checkpoint); "
+        "-1 means unlimited.",
+    )
 
 
 class RunSection(Section):
@@ -171,6 +209,7 @@ class TrainJob(Section):
     scaling: ScalingSection = ScalingSection()
     strategy: StrategySection = DDPStrategy(name="ddp")
     checkpoint: CheckpointSection = CheckpointSection()
+    failure: FailureSection = FailureSection()
     run: RunSection = RunSection()
 
     @model_validator(mode="after")

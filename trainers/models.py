@@ -110,15 +110,17 @@ def load_tokenizer(model_cfg: Any):
     return AutoTokenizer.from_pretrained(model_cfg.pretrained_path or default_text_model_dir(), local_files_only=True)
 
 
-def save_model(model: nn.Module, directory: Path, own_config: dict[str, Any] | None) -> None:
-    """Weights as model.safetensors plus config.json, in a Hugging Face-style directory."""
+def save_model(model: nn.Module, directory: Path, own_config: dict[str, Any] | None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights as model.safetensors plus config.json, in a Hugging Face-style directory.
+    `state_dict` overrides the module's own (the gathered weights of a sharded model)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
         return
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(own_config, indent=2))
 

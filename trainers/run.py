@@ -96,6 +96,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
 
     from trainers.models import default_text_model_dir
     from trainers.ray_data import check_local_paths, prepare_data, quiet_ray_data
+    from trainers.recovery import FailureLog, count_failures, fault_from_env, new_run_id
     from trainers.worker import train_loop_per_worker
 
     out_dir = run_dir(job)
@@ -125,6 +126,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         f"{world} worker(s) x batch {job.micro_batch_size} x accum {job.optim.grad_accum_steps}, "
         f"{steps_per_epoch} steps/epoch")
 
+    run_id = new_run_id()
     use_gpu = job.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
@@ -135,7 +137,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             "job": json.loads(job.model_dump_json()), "labels": data.labels, "num_features": data.num_features,
             "feature_columns": list(data.feature_columns) if data.feature_columns else None,
             "feature_moments": data.feature_moments, "total_steps": steps_per_epoch * job.run.epochs,
-            "steps_per_epoch": steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch, "run_dir": out_dir, "fault": fault_from_env(),
             "dry_run": dry_run,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -146,7 +148,8 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=job.checkpoint.keep, checkpoint_score_attribute=job.checkpoint.metric,
                 checkpoint_score_order=job.checkpoint.resolved_mode),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=job.failure.max_failures),
+            callbacks=[FailureLog(out_dir, run_id)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": data.train, "val": data.val},
@@ -160,7 +163,8 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
 
     best_ckpt, best_metrics = _best(result, job)
     summary = {
-        "job": job.run.name, "run_dir": out_dir, "status": "finished",
+        "job": job.run.name, "run_dir": out_dir, "status": "finished", "run_id": run_id,
+        "restarts": count_failures(out_dir, run_id),
         "epochs_completed": metrics.get("epoch"), "global_step": metrics.get("global_step"),
         "final_metrics": metrics, "best_metrics": best_metrics, "best_checkpoint": best_ckpt,
         "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -1,18 +1,23 @@
 """The one place that wraps a model for distributed training and owns optimizer stepping.
 
-An Engine exposes `model` (what forward runs on), `sync_gradients(sync)`, `backward(loss)`,
-`step()` and `unwrapped()`; the loop in `loop.py` uses nothing else, so a new strategy (DeepSpeed)
-is a new Engine here, not a branch in the loop.
+An Engine exposes `model` (what forward runs on), `sync_gradients(sync)`, `backward(loss)`, `step()`,
+`unwrapped()` and `eval_model()` to the loop, and `full_state_dict()`, `save_training_state()` and
+`load_training_state()` to checkpoints. The loop uses nothing else, so DDP and DeepSpeed ZeRO are two
+Engines here, not branches in the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from trainers.checkpoint import CheckpointError, load_optimizer, load_weights, save_optimizer
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
@@ -58,6 +63,22 @@ class DDPEngine:
     def unwrapped(self) -> nn.Module:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
+    def eval_model(self) -> nn.Module:
+        """A module whose forward needs no collectives (ranks score different numbers of batches)."""
+        return self.unwrapped()
+
+    def full_state_dict(self) -> None:
+        return None  # every rank holds the whole model
+
+    def save_training_state(self, directory: Path, rank: int) -> None:
+        if rank == 0:
+            save_optimizer(self.optimizer, directory / "optimizer.safetensors")
+
+    def load_training_state(self, directory: Path, trainer_state: dict) -> None:
+        load_weights(self.unwrapped(), directory / "model.safetensors")
+        load_optimizer(self.optimizer, directory / "optimizer.safetensors")
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+
     def sync_gradients(self, sync: bool):
         if not sync and isinstance(self.model, nn.parallel.DistributedDataParallel):
             return self.model.no_sync()
@@ -75,9 +96,109 @@ class DDPEngine:
         self.global_step += 1
 
 
-def build_engine(model: nn.Module, job: Any, total_steps: int, distributed: bool, device: torch.device):
+def deepspeed_config(job: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, derived from the TrainJob so no number is written twice; the job's
+    `strategy.deepspeed_config` is merged on top (its keys were checked not to clash)."""
+    s = job.strategy
+    zero: dict[str, Any] = {"stage": s.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    if s.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if s.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": job.micro_batch_size,
+        "gradient_accumulation_steps": job.optim.grad_accum_steps,
+        "train_batch_size": job.micro_batch_size * job.optim.grad_accum_steps * world_size,
+        "gradient_clipping": job.optim.max_grad_norm or 0.0,
+        "bf16": {"enabled": job.optim.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,   # the client optimizer is torch's (fused) AdamW
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in (s.deepspeed_config or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = config[key] | value
+        else:
+            config[key] = value
+    return config
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1/2/3. On GPUs DeepSpeed picks CUDA and NCCL; without, its CPU accelerator and
+    gloo, reusing the process group Ray Train created. The optimizer is torch AdamW and the
+    scheduler transformers', handed to deepspeed.initialize as client objects."""
+
+    def __init__(self, model: nn.Module, job: Any, total_steps: int, device: torch.device,
+                 fresh_model: Callable[[], nn.Module] | None):
+        import deepspeed
+
+        if not dist.is_initialized():  # Train's local mode (dry run): a one-process group
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        self.stage = job.strategy.zero_stage
+        self.fresh_model = fresh_model
+        model = model.to(device)
+        optimizer = build_optimizer(model, job.optim)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(job, dist.get_world_size()),
+            lr_scheduler=lambda opt: build_scheduler(opt, job.optim, total_steps), dist_init_required=False,
+        )
+        self.global_step = 0
+
+    def unwrapped(self) -> nn.Module:
+        return self.model.module
+
+    def sync_gradients(self, sync: bool):
+        self.model.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
+
+    def step(self) -> None:
+        self.model.step()  # clips (gradient_clipping), steps optimizer and scheduler, zeroes grads
+        self.global_step += 1
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on every rank; with ZeRO-3 a collective gather that every rank must join."""
+        if self.stage < 3:
+            return None
+        import deepspeed
+
+        module = self.unwrapped()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+    def eval_model(self) -> nn.Module:
+        """ZeRO-3 shards parameters, so forward would need every rank; evaluate a gathered plain copy."""
+        if self.stage < 3:
+            return self.unwrapped()
+        copy = self.fresh_model()
+        copy.load_state_dict(self.full_state_dict(), strict=False)
+        return copy.to(next(self.unwrapped().parameters()).device)
+
+    def save_training_state(self, directory: Path, rank: int) -> None:
+        self.model.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+
+    def load_training_state(self, directory: Path, trainer_state: dict) -> None:
+        path, _ = self.model.load_checkpoint(str(directory / "deepspeed"), tag="state", load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"{directory / 'deepspeed'}: DeepSpeed found no engine state to resume from")
+
+
+def build_engine(model: nn.Module, job: Any, total_steps: int, distributed: bool, device: torch.device,
+                 fresh_model: Callable[[], nn.Module] | None = None):
     if job.strategy.name == "ddp":
         return DDPEngine(model, job.optim, job.strategy, total_steps, distributed, device)
+    if job.strategy.name == "deepspeed":
+        return DeepSpeedEngine(model, job, total_steps, device, fresh_model)
     raise ValueError(f"strategy.name: unknown strategy {job.strategy.name!r}")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -19,10 +20,11 @@ import ray.train.torch
 import torch
 import yaml
 
-from trainers.checkpoint import load_trainer_state, save_checkpoint
+from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainJob
 from trainers.loop import classification_metrics, evaluate, train_epoch
 from trainers.ray_data import PadCollate, quiet_ray_data_console
+from trainers.recovery import InjectedExit, resume
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.strategy import all_reduce_sum, build_engine
 
@@ -70,11 +72,20 @@ class ProgressLine:
                   f"samples/s {s['rows'] * self.world / s['seconds']:.0f}", flush=True)
 
 
+def _step_hooks(epoch: int, epochs: int, config: dict[str, Any], rank: int, world: int):
+    hooks = [InjectedExit(config["fault"], rank, epoch)] if config["fault"] else []
+    if rank == 0:
+        hooks.append(ProgressLine(epoch, epochs, config["steps_per_epoch"], world))
+    return (lambda s: [h(s) for h in hooks]) if hooks else None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job = TrainJob.model_validate(config["job"])
     quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    for key, value in (("LOCAL_RANK", ctx.get_local_rank()), ("RANK", rank), ("WORLD_SIZE", world)):
+        os.environ.setdefault(key, str(value))  # DeepSpeed reads these; Train's local mode sets none
     torch.set_num_threads(job.scaling.threads_per_worker)
     device = ray.train.torch.get_device()
     labels, dry_run = config["labels"], config["dry_run"]
@@ -84,20 +95,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config["feature_moments"] and getattr(job.model, "standardize", False):
         mean, std = config["feature_moments"]
         model.mean.copy_(torch.tensor(mean)), model.std.copy_(torch.tensor(std))
-    engine = build_engine(model, job, config["total_steps"], distributed=world > 1, device=device)
+    engine = build_engine(model, job, config["total_steps"], distributed=world > 1, device=device,
+                          fresh_model=lambda: build_model(job.model, labels, config["num_features"]))
     tokenizer = load_tokenizer(job.model) if job.model.type == "text" else None
     own_config = None if job.model.type == "text" else model_config(job.model, len(labels), config["num_features"], labels)
     seed_everything(job.run.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
 
-    start_epoch, history = 1, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint and not dry_run:
-        with checkpoint.as_directory() as d:
-            state = load_trainer_state(Path(d), engine, rank)
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        if rank == 0:
-            print(f"resumed from epoch {state['epoch']} (step {engine.global_step}) of {Path(checkpoint.path).name}",
-                  flush=True)
+    start_epoch, history, resumed = 1, [], {}
+    if not dry_run:
+        state, skipped = resume(engine, rank, config["run_dir"])
+        for note in skipped if rank == 0 else []:
+            print(f"skipping corrupt checkpoint {note}", flush=True)
+        if state is not None:
+            start_epoch, history = state["epoch"] + 1, state["history"]
+            resumed = {"resumed_from": state["resumed_from"], "skipped_checkpoints": skipped}
+            if rank == 0:  # checkpoints are taken at epoch ends: a failed epoch restarts from its beginning
+                print(f"resumed from {state['resumed_from']} (epoch {state['epoch']}, step {engine.global_step}); "
+                      f"epoch {start_epoch} starts from its first batch", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     collate_fn = PadCollate(pad_id)
@@ -114,12 +128,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         stats = train_epoch(engine, batches, accum_steps=job.optim.grad_accum_steps, device=device,
                             precision=job.optim.precision, max_steps=2 if dry_run else None,
-                            on_step=ProgressLine(epoch, job.run.epochs, config["steps_per_epoch"], world)
-                            if rank == 0 else None)
+                            on_step=_step_hooks(epoch, job.run.epochs, config, rank, world))
         # Validation is not split by Ray: every worker reads it and scores every world-th batch.
         val_batches = (b for i, b in enumerate(val_shard.iter_torch_batches(batch_size=EVAL_BATCH, collate_fn=collate_fn))
                        if i % world == rank and not (dry_run and i >= 2 * world))
-        sums = evaluate(engine.unwrapped(), val_batches, len(labels), device, job.optim.precision)
+        sums = evaluate(engine.eval_model(), val_batches, len(labels), device, job.optim.precision)
         sums |= {"train_loss_sum": torch.tensor(stats["train_loss_sum"], dtype=torch.float64),
                  "train_rows": torch.tensor(stats["train_rows"], dtype=torch.float64)}
         sums = all_reduce_sum(sums)
@@ -131,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "data_wait_seconds": stats["data_wait_seconds"],
             "train_samples_per_s": train_rows / max(stats["seconds"], 1e-9),
             "epoch_seconds": time.perf_counter() - t0,
-        }
+        } | resumed
         history.append(metrics)
         if rank == 0:
             print(format_epoch(epoch, job.run.epochs, metrics), flush=True)
@@ -140,7 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), rank=rank, engine=engine, own_config=own_config, tokenizer=tokenizer,
-                            label_map=label_map, trainer_state={"epoch": epoch, "history": history},
+                            label_map=label_map,
+                            trainer_state={"epoch": epoch, "history": history, "world_size": world},
                             job_yaml=yaml.safe_dump(json.loads(job.model_dump_json()), sort_keys=False))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")

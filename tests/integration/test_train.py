@@ -8,13 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForSequenceClassification
-
-from tests.conftest import REPO, TINY_BERT
-from trainers.config import load_job, parse_job
-from trainers.loop import classification_metrics, evaluate
+from tests.conftest import REPO, assert_checkpoint_reproduces_reported_metrics, tiny_text_job
+from trainers.config import load_job
 from trainers.run import train
 
 DIGITS = REPO / "ray_apps" / "configs" / "digits_cnn.yaml"
@@ -51,35 +46,11 @@ def test_rerun_resumes_from_saved_epoch_and_step(ray_cluster, tmp_path):
     assert again["epochs_completed"] == 2 and again["wall_seconds"] == second["wall_seconds"]
 
 
-def _tiny_text_job(shared_data, tmp_path, **data):
-    return parse_job({
-        "data": {"train_path": str(shared_data / "sst2" / "train.tsv"),
-                 "validation_path": str(shared_data / "sst2" / "dev.tsv"),
-                 "text_column": "sentence", "label_column": "label", "max_rows": 800, "max_length": 64} | data,
-        "model": {"type": "text", "from_config": TINY_BERT},
-        "optim": {"lr": 1e-3, "batch_size": 32},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
-        "run": {"name": "tiny_sst2", "storage_path": str(tmp_path), "epochs": 2},
-    })
-
-
 def test_tiny_bert_on_sst2_slice_checkpoint_loads_with_from_pretrained(ray_cluster, shared_data, tmp_path):
-    from trainers.models import default_text_model_dir
-    from trainers.ray_data import PadCollate, prepare_data
-
-    job = _tiny_text_job(shared_data, tmp_path)
+    job = tiny_text_job(shared_data, tmp_path)
     summary = train(job)
     assert summary["labels"] == ["0", "1"]
-    ckpt = Path(summary["latest_checkpoint"])
-    model = AutoModelForSequenceClassification.from_pretrained(ckpt, local_files_only=True)
-    assert model.config.id2label == {0: "0", 1: "1"}
-    # The plain HF model reproduces the validation numbers the workers reported for that checkpoint.
-    data = prepare_data(job, default_text_model_dir())
-    batches = data.val.iter_torch_batches(batch_size=64, collate_fn=PadCollate(0))
-    metrics = classification_metrics(evaluate(model, batches, 2, torch.device("cpu")))
-    assert metrics["val_rows"] == summary["final_metrics"]["val_rows"] == 800
-    assert metrics["val_accuracy"] == pytest.approx(summary["final_metrics"]["val_accuracy"], abs=1e-9)
-    assert metrics["val_loss"] == pytest.approx(summary["final_metrics"]["val_loss"], rel=1e-5)
+    assert_checkpoint_reproduces_reported_metrics(job, summary)
 
 
 def _cli(args, **env):

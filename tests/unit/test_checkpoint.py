@@ -266,3 +266,12 @@ def test_checkpoint_with_other_layer_sizes_is_refused(ckpt):
     wider = CNNModel(type="cnn", channels=[4, 8], hidden=32, dropout=0.3)  # same keys, other shapes
     with pytest.raises(CheckpointError, match=r"model\.safetensors: does not match the model"):
         load_trainer_state(ckpt, cnn_engine(seed=1, cfg=wider), rank=0)
+
+
+def test_checkpoint_missing_a_ranks_files_is_refused(tmp_path):
+    engine = cnn_engine(seed=0)
+    save_checkpoint(tmp_path, rank=0, engine=engine, own_config=model_config(CNN, 10, None, DIGITS),
+                    tokenizer=None, label_map=LABEL_MAP, trainer_state={"epoch": 1, "history": [], "world_size": 2},
+                    job_yaml=JOB_YAML)  # rank 1 never wrote its part
+    with pytest.raises(CheckpointError, match=r"checksums\.rank1\.json: missing; rank 1 never finished"):
+        load_trainer_state(tmp_path, cnn_engine(seed=1), rank=0)
