@@ -113,3 +113,29 @@ def test_cli_missing_data_file_exits_2_before_starting_ray():
     proc = _cli("train", "--config", "ray_apps/configs/sst2_minilm.yaml", "--set", "data.train_path=/nonexistent/t.tsv")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: data.train_path: no such file or directory: '/nonexistent/t.tsv'"
+
+
+def test_deepspeed_config_is_derived_from_the_job_with_overrides_merged():
+    from trainers.strategy import deepspeed_config
+
+    job = parse_job({"data": {"train_path": "a.tsv", "text_column": "t"}, "model": {"type": "text"},
+                     "optim": {"batch_size": 64, "grad_accum_steps": 2, "max_grad_norm": 0.5, "precision": "bf16"},
+                     "strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu",
+                                  "deepspeed_config": {"zero_optimization": {"overlap_comm": True}}}})
+    cfg = deepspeed_config(job, world_size=2)
+    assert cfg["train_micro_batch_size_per_gpu"] == 16 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 64 and cfg["gradient_clipping"] == 0.5 and cfg["bf16"] == {"enabled": True}
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["overlap_comm"] is True
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"train_batch_size": 128}, "strategy.deepspeed_config.train_batch_size is derived from optim.batch_size"),
+    ({"gradient_clipping": 2.0}, "gradient_clipping is derived from optim.max_grad_norm; set that instead"),
+    ({"zero_optimization": {"stage": 1}}, "set stage and offload through strategy.zero_stage"),
+])
+def test_deepspeed_overrides_cannot_restate_derived_numbers(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        parse_job({"data": {"train_path": "a.tsv", "text_column": "t"}, "model": {"type": "text"},
+                   "strategy": {"name": "deepspeed", "deepspeed_config": override}})
