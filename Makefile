@@ -38,3 +38,7 @@ test-integration: $(STAMP)
 
 clean:
 	rm -rf runs registry
+
+.PHONY: bench-train
+bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one process vs ZeRO-2/3 (~4 min)
+	$(PY) benchmarks/train_throughput.py
