@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from trainers.checkpoint import CheckpointError
     from trainers.config import ConfigError, load_job
-    from trainers.data import DataError
+    from trainers.data import DataError, find_cause
 
     try:
         job = load_job(args.config, args.overrides)
@@ -49,15 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         summary = train(job, dry_run=args.dry_run, restart=args.restart)
-    except (DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # a worker's DataError/CheckpointError arrives wrapped by Ray: one line
+        cause = find_cause(e, (DataError, CheckpointError))
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
-    except Exception as e:  # a worker's DataError arrives wrapped by Ray: unwrap it to one line
-        cause = _root_cause(e)
-        if isinstance(cause, (DataError, CheckpointError)):
-            print(f"error: {cause}", file=sys.stderr)
-            return 2
-        raise
     if args.dry_run:
         return 0
     best = summary.get("best_metrics") or {}
@@ -69,14 +66,3 @@ def run(args: argparse.Namespace) -> int:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(summary, indent=2))
     return 0
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = getattr(e, "cause", None) or e.__cause__ or getattr(e, "worker_failures", {}) and next(iter(e.worker_failures.values()))
-        if not isinstance(nxt, BaseException):
-            break
-        e = nxt
-    return e

@@ -21,6 +21,21 @@ class DataError(ValueError):
     """Bad input data; the message names file, line and column."""
 
 
+def find_cause(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `kinds` in a chain that Ray builds around it: a task error's `cause`,
+    Ray Train's per-rank `worker_failures`, or plain `__cause__`."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        error = getattr(error, "cause", None) or error.__cause__ or (next(iter(failures.values())) if failures else None)
+        if not isinstance(error, BaseException):
+            return None
+    return None
+
+
 def where(file: str, line: int, column: str | None = None) -> str:
     return f"{file}, line {line}" + (f", column '{column}'" if column else "")
 
@@ -209,7 +224,8 @@ def split_mask(files: np.ndarray, lines: np.ndarray, seed: int, fraction: float)
     """True for validation rows: a stable hash of (file, line, seed), independent of block layout."""
     import zlib
 
-    file_hash = np.array([zlib.crc32(str(f).encode()) for f in files], dtype=np.uint64)
+    names, index = np.unique(np.asarray(files, dtype=str), return_inverse=True)  # a batch holds few files
+    file_hash = np.array([zlib.crc32(n.encode()) for n in names], dtype=np.uint64)[index]
     x = (lines.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (file_hash << np.uint64(17)) ^ np.uint64(seed)
     x ^= x >> np.uint64(33)  # splitmix64 finalizer
     x *= np.uint64(0xFF51AFD7ED558CCD)

@@ -21,7 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import FileBasedDatasource
 
 from trainers.config import DataSection, TrainJob
-from trainers.data import DataError, FieldSpec, SourceStats, collate, encode_batch, split_mask
+from trainers.data import DataError, FieldSpec, SourceStats, collate, encode_batch, find_cause, split_mask
 from trainers.sources import load_builtin, parse_stream
 
 
@@ -93,12 +93,10 @@ def scan_source(ds: ray.data.Dataset, spec: FieldSpec, label_ids, seed: int, fra
             total.merge(SourceStats.from_dict(d["all"]))
             val.merge(SourceStats.from_dict(d["val"]))
     except Exception as e:  # a DataError raised in a read task arrives wrapped by Ray
-        cause = e
-        while not isinstance(cause, DataError) and isinstance(getattr(cause, "cause", None) or cause.__cause__, BaseException):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if isinstance(cause, DataError):
-            raise DataError(str(cause)) from None
-        raise
+        cause = find_cause(e, (DataError,))
+        if cause is None:
+            raise
+        raise DataError(str(cause)) from None
     return total, val
 
 

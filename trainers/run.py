@@ -99,6 +99,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     from trainers.recovery import FailureLog, count_failures, fault_from_env, new_run_id
     from trainers.worker import train_loop_per_worker
 
+    check_local_paths(job.data)  # a bad path is an error even for a run that already finished
     out_dir = run_dir(job)
     result_path = f"{out_dir}/result.json"
     if restart and not dry_run and _delete_run(out_dir):
@@ -109,7 +110,6 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             f"--restart trains again, --set run.epochs=N continues")
         return previous
 
-    check_local_paths(job.data)
     if dry_run:
         job = job.model_copy(deep=True)
         job.data.max_rows = min(job.data.max_rows or 256, 256)

@@ -109,8 +109,11 @@ def test_cli_help_names_the_command_to_run():
     assert "--dry-run" in proc.stdout and "--set" in proc.stdout and "--restart" in proc.stdout
 
 
-def test_cli_missing_data_file_exits_2_before_starting_ray():
-    proc = _cli("train", "--config", "ray_apps/configs/sst2_minilm.yaml", "--set", "data.train_path=/nonexistent/t.tsv")
+def test_cli_missing_data_file_exits_2_before_starting_ray(tmp_path):
+    (tmp_path / "sst2_minilm").mkdir()  # even a finished run of that name does not mask the bad path
+    (tmp_path / "sst2_minilm" / "result.json").write_text('{"epochs_completed": 99}')
+    proc = _cli("train", "--config", "ray_apps/configs/sst2_minilm.yaml", "--set", "data.train_path=/nonexistent/t.tsv",
+                "--set", f"run.storage_path={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: data.train_path: no such file or directory: '/nonexistent/t.tsv'"
 

@@ -83,3 +83,15 @@ def test_metrics_ignore_classes_absent_from_labels_and_predictions():
     m = classification_metrics({"loss_sum": torch.tensor(1.0, dtype=torch.float64), "confusion": cm})
     expected = f1_score([0] * 5 + [1] * 5, [0] * 5 + [0] + [1] * 4, average="macro")
     assert m["val_macro_f1"] == pytest.approx(expected)
+
+
+def test_find_cause_digs_through_ray_style_wrappers():
+    from trainers.data import DataError, find_cause
+
+    inner = DataError("x.tsv, line 3: bad")
+    task_error = type("RayTaskError", (Exception,), {})("wrapped")
+    task_error.cause = inner
+    group = type("WorkerGroupError", (Exception,), {})("training failed")
+    group.worker_failures = {1: task_error}
+    assert find_cause(group, (DataError,)) is inner
+    assert find_cause(RuntimeError("unrelated"), (DataError,)) is None
