@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         "Runs on a local Ray, or on the cluster in RAY_ADDRESS (as under `ray job submit`).",
     )
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
-    for name, module in JOBS.items():
+    for module in JOBS.values():
         module.add_parser(sub)
     args = parser.parse_args(argv)
     return JOBS[args.job].run(args)

@@ -80,20 +80,18 @@ class SourceStats:
     feature_sumsq: np.ndarray | None = None
 
     def add(self, enc: dict[str, np.ndarray]) -> None:
+        """Count one encoded batch (see `encode_batch`)."""
         errors = enc["_error"]
         ok = np.array([e is None for e in errors], dtype=bool)
-        self.rows += len(errors)
-        self.bad_rows += int((~ok).sum())
-        if self.first_error is None and not ok.all():
-            self.first_error = errors[int(np.argmin(ok))]
         labels, counts = np.unique(enc["_label_raw"][ok].astype(str), return_counts=True)
-        for label, count in zip(labels.tolist(), counts.tolist()):
-            self.label_counts[label] = self.label_counts.get(label, 0) + count
-        if "features" in enc:
-            feats = enc["features"][ok].astype(np.float64)
-            s, ss = feats.sum(0), (feats**2).sum(0)
-            self.feature_sum = s if self.feature_sum is None else self.feature_sum + s
-            self.feature_sumsq = ss if self.feature_sumsq is None else self.feature_sumsq + ss
+        feats = enc["features"][ok].astype(np.float64) if "features" in enc else None
+        self.merge(SourceStats(
+            label_counts=dict(zip(labels.tolist(), counts.tolist(), strict=True)),
+            rows=len(errors), bad_rows=int((~ok).sum()),
+            first_error=None if ok.all() else errors[int(np.argmin(ok))],
+            feature_sum=None if feats is None else feats.sum(0),
+            feature_sumsq=None if feats is None else (feats**2).sum(0),
+        ))
 
     def sorted_labels(self) -> list[str]:
         labels = list(self.label_counts)
@@ -131,7 +129,7 @@ class SourceStats:
         return s
 
     def feature_moments(self) -> tuple[list[float], list[float]]:
-        n = max(self.rows - self.bad_rows, 1)
+        n = max(self.good_rows, 1)
         mean = self.feature_sum / n
         std = np.sqrt(np.maximum(self.feature_sumsq / n - mean**2, 0.0))
         return mean.tolist(), np.where(std < 1e-8, 1.0, std).tolist()

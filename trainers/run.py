@@ -152,7 +152,8 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             callbacks=[FailureLog(out_dir, run_id)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": data.train, "val": data.val},
+        # Validation is small and every worker reads all of it each epoch: read and tokenize it once.
+        datasets={"train": data.train, "val": data.val.materialize()},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
