@@ -33,7 +33,9 @@ class DigitsCNN(nn.Module):
         for c_out in channels:
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
             c_in = c_out
-        layers.append(nn.AdaptiveAvgPool2d(2))
+        # Fixed pooling (8x8 stays 8x8 through the padded convs; 4x4 windows -> 2x2): same output as
+        # AdaptiveAvgPool2d(2) on this input, but with static shapes that every ONNX exporter handles.
+        layers.append(nn.AvgPool2d(4))
         self.body = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(c_in * 4, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_labels)

@@ -9,6 +9,8 @@ Engines here, not branches in the loop.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,8 +66,15 @@ class DDPEngine:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
     def eval_model(self) -> nn.Module:
-        """A module whose forward needs no collectives (ranks score different numbers of batches)."""
-        return self.unwrapped()
+        """The module every rank scores validation with; its forward needs no collectives (ranks score
+        different numbers of batches). Buffers come from rank 0 first: DDP broadcasts them only at the
+        next training forward, so BatchNorm running statistics drift per rank, and without this the
+        reported metrics would not be exactly those of the checkpoint rank 0 saves."""
+        module = self.unwrapped()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)
+        return module
 
     def full_state_dict(self) -> None:
         return None  # every rank holds the whole model
@@ -132,6 +141,9 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, job: Any, total_steps: int, device: torch.device,
                  fresh_model: Callable[[], nn.Module] | None):
+        # DeepSpeed JIT-builds its CPU comm op against this interpreter's torch; a per-environment build
+        # directory keeps two environments (another checkout, another torch) from rebuilding it in turn.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         import deepspeed
 
         if not dist.is_initialized():  # Train's local mode (dry run): a one-process group
