@@ -1,6 +1,8 @@
 """rayfoundry command line: `python -m ray_apps <job> [options]`.
 
     python -m ray_apps train --config ray_apps/configs/digits_cnn.yaml [--set optim.lr=3e-4] [--dry-run]
+    python -m ray_apps export --checkpoint runs/digits_cnn --name digits --quantize int8 --promote champion
+    python -m ray_apps registry list
 
 Each job lives in its own module here; this file only maps job names to them.
 """
@@ -10,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_apps import train
+from ray_apps import export, registry, train
 
-JOBS = {"train": train}
+JOBS = {"train": train, "export": export, "registry": registry}
 
 
 def main(argv: list[str] | None = None) -> int:
