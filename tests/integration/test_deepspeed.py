@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2/3 with 2 CPU workers (DeepSpeed's CPU accelerator, gloo): the consolidated
-checkpoint is a plain Hugging Face model, and the sharded engine state resumes a run."""
+checkpoint is a plain Hugging Face model that exports to ONNX, and the sharded engine state resumes a
+run."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_checkpoint_reproduces_reported_metrics, tiny_text_job
+from trainers.export import ExportJob, export
 from trainers.run import train
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_and_consolidates_a_from_pretrained_checkpoint(ray_cluster, shared_data, tmp_path, stage):
+def test_zero_trains_consolidates_and_exports(ray_cluster, shared_data, tmp_path, stage):
     job = tiny_text_job(shared_data, tmp_path, f"zero{stage}", {"name": "deepspeed", "zero_stage": stage}, epochs=1)
     summary = train(job)
     assert summary["epochs_completed"] == 1
@@ -23,13 +25,21 @@ def test_zero_trains_and_consolidates_a_from_pretrained_checkpoint(ray_cluster, 
     # The workers scored validation with the DeepSpeed engine's weights (a gathered copy for ZeRO-3);
     # plain from_pretrained on the consolidated file must score it identically.
     assert_checkpoint_reproduces_reported_metrics(job, summary)
+    if stage == 2:
+        _resumes_from_sharded_state(shared_data, tmp_path, summary)
+    else:  # the consolidated ZeRO-3 weights export, and ONNX scores the validation set as the workers did
+        meta = export(ExportJob(checkpoint=summary["run_dir"], name="zero3", registry=str(tmp_path / "registry")),
+                      log=lambda *_: None)
+        assert meta["parity"]["max_abs_logit_diff"] <= 1e-4 and meta["source"]["strategy"] == "deepspeed"
+        onnx = meta["validation"]["metrics"]["onnx"]
+        assert onnx["val_rows"] == summary["final_metrics"]["val_rows"]
+        assert onnx["val_accuracy"] == pytest.approx(summary["final_metrics"]["val_accuracy"], abs=1e-9)
 
 
-def test_zero2_resumes_from_its_sharded_state(ray_cluster, shared_data, tmp_path):
-    strategy = {"name": "deepspeed", "zero_stage": 2}
-    first = train(tiny_text_job(shared_data, tmp_path, "zero2_resume", strategy, epochs=1))
-    second = train(tiny_text_job(shared_data, tmp_path, "zero2_resume", strategy, epochs=2))
+def _resumes_from_sharded_state(shared_data, tmp_path, first: dict) -> None:
+    """Continue the ZeRO-2 run for a second epoch from its sharded optimizer state."""
+    second = train(tiny_text_job(shared_data, tmp_path, "zero2", {"name": "deepspeed", "zero_stage": 2}, epochs=2))
     assert second["final_metrics"]["resumed_from"] == "epoch_0001"
     assert second["global_step"] == 2 * first["global_step"]
-    state = json.loads((tmp_path / "zero2_resume" / "epoch_0002" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "zero2" / "epoch_0002" / "trainer_state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,17 +56,24 @@ def test_rerun_after_the_driver_is_killed_continues_from_the_saved_epoch(ray_clu
     assert first.exists(), "the first checkpoint was never written"
     assert not (tmp_path / "digits_cnn" / "result.json").exists()
 
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "summary.json"
+    rerun = subprocess.run(cmd + ["--json-out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from epoch_0001 (epoch 1, step 22)" in rerun.stdout or \
         "resumed from epoch_0002 (epoch 2, step 44)" in rerun.stdout, rerun.stdout
     result = json.loads((tmp_path / "digits_cnn" / "result.json").read_text())
     assert result["epochs_completed"] == 3 and result["global_step"] == 66
     assert "epoch 1/3" not in rerun.stdout  # epoch 1 was not trained again
+    # The CLI on a running cluster: one line per epoch it trained, a summary line, --json-out.
+    trained = [line for line in rerun.stdout.splitlines() if "epoch " in line and "val_accuracy" in line]
+    assert 1 <= len(trained) <= 2 and "epoch 3/3" in trained[-1], rerun.stdout
+    assert "done: digits_cnn epochs 3" in rerun.stdout
+    assert json.loads(out.read_text()) == result
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path):
     first = train(_job(tmp_path, "corrupt", 2, "checkpoint.keep=2"))
+    epoch1 = json.loads((tmp_path / "corrupt" / "epoch_0001" / "trainer_state.json").read_text())["history"][0]
     weights = tmp_path / "corrupt" / "epoch_0002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated upload
     resumed = train(_job(tmp_path, "corrupt", 3, "checkpoint.keep=2"))
@@ -73,3 +81,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, t
     (note,) = resumed["final_metrics"]["skipped_checkpoints"]
     assert f"{weights}: sha256 mismatch" in note
     assert resumed["epochs_completed"] == 3 and resumed["global_step"] == 3 * first["global_step"] // 2
+    state = json.loads((Path(resumed["latest_checkpoint"]) / "trainer_state.json").read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert state["history"][0] == epoch1  # epoch 1 was kept, not trained again
+    again = train(_job(tmp_path, "corrupt", 3, "checkpoint.keep=2"))  # finished: nothing to do
+    assert again["epochs_completed"] == 3 and again["wall_seconds"] == resumed["wall_seconds"]
