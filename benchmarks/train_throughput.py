@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
+from benchmarks.flops import matmul_peak_flops, non_embedding_params  # noqa: E402
+
 
 def job_for(strategy: dict, args) -> object:
     from trainers.config import parse_job
@@ -168,25 +170,6 @@ def run_single_process(args) -> dict:
                        distributed=False, device=torch.device("cpu"))
     seconds = timed_steps(engine_steps(engine, synthetic_batch(args.batch, args.seq, 0)), args.warmup, args.steps)
     return {"seconds": seconds, "rss_mb": [peak_rss_mb()]}
-
-
-def matmul_peak_flops(threads: int = 2, n: int = 2048, reps: int = 10) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def non_embedding_params() -> int:
-    from trainers.config import TextModel
-    from trainers.models import build_model
-
-    model = build_model(TextModel(type="text"), ["0", "1"])
-    embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    return sum(p.numel() for p in model.parameters()) - embedding
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+"""Which engine should serve the MiniLM classifier? Latency, throughput and accuracy of four engines.
+
+    .venv/bin/python benchmarks/inference_engines.py                          # ~6 min on 2 cores
+    .venv/bin/python benchmarks/inference_engines.py --checkpoint runs/sst2_minilm --seconds 1
+
+One SST-2 MiniLM-L6 checkpoint (default runs/sst2_minilm, the full-epoch run of
+ray_apps/configs/sst2_minilm.yaml; without one, a 1-epoch run on 8,000 SST-2 rows is trained first)
+is exported to a package with int8, then served from that package by:
+  torch eager fp32 | torch bf16 autocast | ONNX Runtime fp32 | ONNX Runtime int8 (dynamic)
+at batch 1, 8, 32 and sequence 64, 128 (synthetic full-length token ids), all on the same threads.
+Prints per cell: latency p50/p99, sequences/s, ratio to torch eager, achieved FLOP/s as a fraction
+of a large fp32 matmul measured in this run; then each engine's accuracy on the SST-2 validation
+file. Writes benchmarks/results/inference_engines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+
+from benchmarks.flops import matmul_peak_flops, non_embedding_params  # noqa: E402
+
+ENGINES = {  # label -> (package engine, bf16 autocast)
+    "torch eager fp32": ("torch", False),
+    "torch bf16 autocast": ("torch", True),
+    "ONNX Runtime fp32": ("onnx", False),
+    "ONNX Runtime int8": ("onnx-int8", False),
+}
+
+
+def checkpoint_or_train(path: Path) -> Path:
+    if path.exists():
+        return path
+    print(f"{path} not found: training a 1-epoch MiniLM on 8,000 SST-2 rows first (~5 min)", flush=True)
+    subprocess.run([sys.executable, "-m", "ray_apps", "train", "--config", "ray_apps/configs/sst2_minilm.yaml",
+                    "--set", "data.max_rows=8000", "--set", f"run.name={path.name}",
+                    "--set", f"run.storage_path={path.parent}"], cwd=REPO, check=True)
+    return path
+
+
+def bf16(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def time_cell(predictor, feeds: dict, autocast: bool, seconds: float) -> list[float]:
+    """Per-call latencies (s) after 3 warm-up calls; at least 10 calls and `seconds` of wall time."""
+    with bf16(autocast):
+        for _ in range(3):
+            predictor.logits(feeds)
+        lat, start = [], time.perf_counter()
+        while len(lat) < 10 or time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            predictor.logits(feeds)
+            lat.append(time.perf_counter() - t)
+    return lat
+
+
+def flops_per_sequence(n_params: int, layers: int, hidden: int, seq: int) -> float:
+    """2 x non-embedding params per token for the dense layers, plus QK^T and AV in every layer."""
+    return 2 * n_params * seq + 4 * layers * seq * seq * hidden
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "sst2_minilm",
+                   help="SST-2 MiniLM checkpoint or run dir (trained first when missing)")
+    p.add_argument("--registry", default=str(REPO / "runs" / "bench_registry"), help="where the package goes")
+    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    p.add_argument("--seconds", type=float, default=2.0, help="measured wall time per cell")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--seqs", default="64,128")
+    args = p.parse_args()
+    from trainers.run import quiet_libraries
+
+    quiet_libraries()
+    from trainers.config import parse_job
+    from trainers.export import ExportJob, export
+    from trainers.package import Predictor, score
+    from trainers.registry import Registry
+    from trainers.validation import load_validation
+
+    ckpt = checkpoint_or_train(args.checkpoint)
+    meta = export(ExportJob(checkpoint=str(ckpt), name="sst2-bench", registry=args.registry, quantize="int8",
+                            max_int8_drop=1.0))  # record the int8 drop here, never refuse
+    pkg = Registry(args.registry).open(f"sst2-bench:{meta['version']}")
+    torch.set_num_threads(args.threads)
+    predictors = {label: Predictor(pkg, engine, "cpu", intra_op_threads=args.threads)
+                  for label, (engine, _) in ENGINES.items()}
+    model = predictors["torch eager fp32"].model
+    n_params, cfg = non_embedding_params(model), model.config
+    peak = matmul_peak_flops(args.threads)
+    peak_bf16 = matmul_peak_flops(args.threads, dtype=torch.bfloat16)  # context: bf16 units (AMX) may beat fp32
+    torch.set_num_threads(args.threads)
+
+    rng = np.random.default_rng(0)
+    cells = []
+    for batch in map(int, args.batches.split(",")):
+        for seq in map(int, args.seqs.split(",")):
+            ids = rng.integers(1000, cfg.vocab_size, (batch, seq), dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            base = None
+            for label, (_, autocast) in ENGINES.items():
+                lat = time_cell(predictors[label], feeds, autocast, args.seconds)
+                sps = batch * len(lat) / sum(lat)
+                base = base or sps
+                cells.append({"engine": label, "batch": batch, "seq": seq, "calls": len(lat),
+                              "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+                              "seq_per_s": sps, "ratio_to_torch_eager": sps / base,
+                              "flops_fraction": sps * flops_per_sequence(n_params, cfg.num_hidden_layers,
+                                                                         cfg.hidden_size, seq) / peak})
+                print(f"  batch {batch:>2} seq {seq:>3}  {label:<20} p50 {cells[-1]['p50_ms']:8.2f} ms  "
+                      f"{sps:8.1f} seq/s  x{sps / base:.2f}", flush=True)
+
+    job = parse_job(pkg.metadata["training"]["config"])
+    validation = load_validation(job, pkg.labels, predictors["torch eager fp32"].tokenizer)
+    accuracy = {}
+    for label, (_, autocast) in ENGINES.items():
+        with bf16(autocast):
+            accuracy[label] = score(predictors[label], validation)["val_accuracy"]
+
+    print(f"\nMiniLM-L6 classifier ({n_params / 1e6:.1f}M non-embedding params), {args.threads} threads, "
+          f"{platform.processor() or platform.machine()}; large-matmul peak {peak / 1e9:.0f} GFLOP/s fp32, "
+          f"{peak_bf16 / 1e9:.0f} GFLOP/s bf16 (FLOP/s column: fraction of the fp32 peak)\n")
+    print("| batch | seq | engine | p50 ms | p99 ms | seq/s | ratio to torch eager | FLOP/s / matmul peak |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for c in cells:
+        print(f"| {c['batch']} | {c['seq']} | {c['engine']} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
+              f"{c['seq_per_s']:.1f} | {c['ratio_to_torch_eager']:.2f} | {c['flops_fraction']:.3f} |")
+    fp32 = accuracy["torch eager fp32"]
+    print(f"\nAccuracy on {validation.source} ({len(validation)} rows):\n")
+    print("| engine | accuracy | change vs torch fp32 (points) |\n| --- | ---: | ---: |")
+    for label, acc in accuracy.items():
+        print(f"| {label} | {acc:.4f} | {100 * (acc - fp32):+.2f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inference_engines.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "package": pkg.ref, "checkpoint": str(ckpt), "threads": args.threads,
+        "matmul_peak_flops": peak, "matmul_peak_flops_bf16": peak_bf16, "non_embedding_params": n_params, "cells": cells,
+        "accuracy": accuracy, "validation_rows": len(validation), "validation_source": validation.source,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
