@@ -1,0 +1,164 @@
+"""`ModelServer`: one registry package behind `@serve.batch`, on ONNX Runtime (or torch).
+
+Requests arrive from the ingress as lists of instances (texts, 8x8 images, feature rows). Each
+batch checks every request's instances, tokenizes or stacks the good ones in one vectorized call,
+runs the engine once, and splits the probabilities back. A request with a bad instance gets its own
+error; the others in the batch are answered. If the batched call itself fails, each request is
+retried alone so only the guilty one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class InstanceError(ValueError):
+    """An instance the model cannot take; the message names its index and the problem."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
+class ModelServer:
+    def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, max_text_chars: int):
+        from ray.serve import metrics
+
+        from trainers.package import Predictor
+        from trainers.registry import Registry
+        from trainers.run import quiet_libraries
+
+        quiet_libraries()
+        self.package = Registry(registry).open(ref)  # verifies every file's sha256; never unpickles
+        self.predictor = Predictor(self.package, engine, device, intra_op_threads)
+        meta = self.package.metadata
+        self.name, self.version, self.engine = meta["name"], meta["version"], engine
+        self.kind, self.labels = self.package.inputs["kind"], self.package.labels
+        self.num_features = self.package.inputs.get("num_features")
+        self.max_text_chars = max_text_chars
+        self.stats = {"inference_count": 0, "execution_count": 0, "failed_count": 0}
+        self.batching: dict[str, float] = {}  # set by reconfigure (user_config) before the first request
+        tags = {"model": self.name, "version": self.version}
+        self.batch_size = metrics.Histogram("rayfoundry_batch_size", "Instances per model call.",
+                                            boundaries=BATCH_BUCKETS, tag_keys=("model", "version"))
+        self.queue_wait = metrics.Histogram("rayfoundry_queue_wait_seconds", "Time a request waited for its batch.",
+                                            boundaries=LATENCY_BUCKETS, tag_keys=("model", "version"))
+        self.inference = metrics.Histogram("rayfoundry_inference_seconds", "Encode + engine time per batch.",
+                                           boundaries=LATENCY_BUCKETS, tag_keys=("model", "version"))
+        for m in (self.batch_size, self.queue_wait, self.inference):
+            m.set_default_tags(dict(tags))  # Serve adds its own tags to the dict it is given
+        self.check_health()
+
+    # --- control -------------------------------------------------------------------------------
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config: max_batch_size and batch_wait_timeout_s change without a restart."""
+        self.batching = {"max_batch_size": int(config["max_batch_size"]),
+                         "batch_wait_timeout_s": float(config["batch_wait_timeout_s"])}
+        self.predict_batch.set_max_batch_size(self.batching["max_batch_size"])
+        self.predict_batch.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
+
+    def check_health(self) -> None:
+        """A tiny input through the engine; an exception marks the replica unhealthy."""
+        tiny = ["ok"] if self.kind == "text" else [[0.0] * self.num_features]
+        out = self.predictor.logits(self.predictor.encode(tiny))
+        if out.shape != (1, len(self.labels)) or not np.isfinite(out).all():
+            raise RuntimeError(f"{self.name}:{self.version}: health check gave {out.shape} / non-finite logits")
+
+    def describe(self) -> dict[str, Any]:
+        """What the V2 metadata endpoint and the ingress need to know about this model."""
+        return {"name": self.name, "version": self.version, "engine": self.engine, "kind": self.kind,
+                "labels": self.labels, "num_features": self.num_features, "inputs": self.package.inputs}
+
+    def statistics(self) -> dict[str, Any]:
+        """This replica's counters: execution_count < inference_count means requests were batched."""
+        return self.stats | self.batching
+
+    # --- inference -----------------------------------------------------------------------------
+    async def predict(self, instances: Any) -> dict[str, Any]:
+        """Probabilities and labels for one request, or {"error", "status"} when an instance is bad."""
+        return await self.predict_batch((instances, time.perf_counter()))
+
+    def _check(self, instances: Any) -> Any:
+        """Instances as the engine takes them: a list of str, or float32 [N, F]."""
+        if self.kind == "text":
+            for i, text in enumerate(instances):
+                if not isinstance(text, str):
+                    raise InstanceError(f"instances[{i}]: expected a text string, got {type(text).__name__}")
+                if not text.strip():
+                    raise InstanceError(f"instances[{i}]: empty text")
+                if len(text) > self.max_text_chars:
+                    raise InstanceError(f"instances[{i}]: text of {len(text)} characters; the limit is "
+                                        f"{self.max_text_chars}")
+            return list(instances)
+        try:
+            rows = np.asarray(instances, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InstanceError("instances: expected rows of numbers, all of the same shape") from None
+        rows = rows.reshape(len(rows), -1) if rows.ndim >= 2 else rows
+        if rows.ndim != 2 or rows.shape[1] != self.num_features:
+            shape = "8x8 images or rows of 64 pixel values" if self.kind == "image" else f"rows of {self.num_features} features"
+            raise InstanceError(f"instances: shape {list(np.shape(instances))}; {self.name} takes {shape}")
+        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+        if len(bad):
+            raise InstanceError(f"instances[{bad[0]}]: non-finite value")
+        return rows
+
+    def _run(self, parts: list[Any]) -> list[np.ndarray]:
+        """One vectorized encode + engine call for all requests' instances; probabilities per request."""
+        flat = [x for p in parts for x in p] if self.kind == "text" else np.concatenate(parts)
+        probs = softmax(self.predictor.logits(self.predictor.encode(flat)).astype(np.float64))
+        if not np.isfinite(probs).all():
+            raise FloatingPointError("non-finite model output")
+        return np.split(probs, np.cumsum([len(p) for p in parts])[:-1])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, items: list[tuple[Any, float]]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        good, parts = [], []
+        for i, (instances, queued_at) in enumerate(items):
+            self.queue_wait.observe(started - queued_at)
+            try:
+                parts.append(self._check(instances))
+                good.append(i)
+            except InstanceError as e:
+                results[i] = {"error": str(e), "status": 422}
+        if parts:
+            loop = asyncio.get_running_loop()
+            try:  # off the event loop, so the next batch can form while this one runs
+                outputs = await loop.run_in_executor(None, self._run, parts)
+            except Exception:
+                outputs = []
+                for part in parts:  # find the request that breaks the batch; answer the rest
+                    try:
+                        outputs.extend(await loop.run_in_executor(None, self._run, [part]))
+                    except Exception as e:  # noqa: BLE001 - reported to that request only
+                        outputs.append(e)
+            for i, out in zip(good, outputs):
+                if isinstance(out, Exception):
+                    self.stats["failed_count"] += 1
+                    results[i] = {"error": f"the model could not score this request: {out}", "status": 422}
+                else:
+                    results[i] = self._answer(out)
+            rows = sum(len(p) for p in parts)
+            self.stats["inference_count"] += rows
+            self.stats["execution_count"] += 1
+            self.batch_size.observe(rows)
+        self.inference.observe(time.perf_counter() - started)
+        return results
+
+    def _answer(self, probs: np.ndarray) -> dict[str, Any]:
+        top = probs.argmax(axis=1)
+        return {"model": self.name, "model_version": self.version, "labels": [self.labels[k] for k in top],
+                "probabilities": [[round(float(p), 6) if math.isfinite(p) else None for p in row] for row in probs]}

@@ -1,0 +1,223 @@
+"""The inference service over real HTTP on the session's Ray: /v1 predict, the V2 protocol (JSON and
+tritonclient's binary tensors), a table of bad requests, a poisoned instance inside a batch,
+overload, and a batch-size change through user_config without a replica restart."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from tests.builders import job_for, make_checkpoint
+from trainers.export import ExportJob, export
+
+DIGIT_ROW = [0.0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8,
+             8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10,
+             0, 0, 0]  # sklearn digits row 0, a "0"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy_config(registry, digits_user_config: dict | None = None) -> None:
+    """Deploy app "rf" the way `serve deploy` does (a config, applied by the controller), so a change
+    of user_config alone is an in-place update; `serve.run` of a Python app restarts replicas."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": "rf", "route_prefix": "/", "import_path": "serve_deployments.app:build_app",
+           "args": {"registry": str(registry), "models": ["digits@champion", "reviews"], "num_cpus": 0.25,
+                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}}
+    if digits_user_config:
+        app["deployments"] = [{"name": "model-digits", "user_config": digits_user_config}]
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    """Digits (CNN) and a tiny-BERT review classifier, exported and served; yields (url, registry)."""
+    from ray import serve
+
+    from trainers.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("serve")
+    registry = tmp / "registry"
+    for kind, name in (("cnn", "digits"), ("text", "reviews")):
+        export(ExportJob(checkpoint=str(make_checkpoint(tmp / kind, job_for(kind, tmp), epochs=3)), name=name,
+                         registry=str(registry)), log=lambda *_: None)
+    Registry(str(registry)).promote("digits:1", "champion")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy_config(registry)
+    yield f"http://127.0.0.1:{port}", registry
+    serve.shutdown()
+
+
+def replica_pids() -> dict[str, int]:
+    from ray.util.state import list_actors
+
+    return {a.name: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith("ServeReplica:rf:")}
+
+
+def stats(url: str, model: str) -> dict:
+    return requests.get(f"{url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+
+
+def test_v1_v2_json_and_tritonclient_binary_give_the_same_answers(service):
+    import tritonclient.http as triton
+
+    url, _ = service
+    texts = ["a great film number 10", "a dull film number 11", "lovely and moving"]
+    v1 = requests.post(f"{url}/v1/models/reviews:predict", json={"instances": texts}, timeout=30).json()
+    assert v1["model"] == "reviews" and v1["model_version"] == "1"
+    v1_probs = np.array([[p["probabilities"][k] for k in ("neg", "pos")] for p in v1["predictions"]])
+    assert [p["label"] for p in v1["predictions"]][:2] == ["pos", "neg"]  # rows it trained on
+
+    v2 = requests.post(f"{url}/v2/models/reviews/infer", timeout=30, json={
+        "id": "r1", "inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]}).json()
+    assert v2["id"] == "r1" and v2["model_version"] == "1"
+    out = {o["name"]: o for o in v2["outputs"]}
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(3, 2), v1_probs, atol=1e-6)
+
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("reviews")
+    assert client.get_model_metadata("digits")["inputs"][0] == {"name": "features", "datatype": "FP32", "shape": [-1, 64]}
+    tensor = triton.InferInput("text", [3], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))  # binary by default
+    result = client.infer("reviews", [tensor], outputs=[triton.InferRequestedOutput("probabilities"),
+                                                        triton.InferRequestedOutput("label")])
+    np.testing.assert_allclose(result.as_numpy("probabilities"), v1_probs, atol=1e-6)
+    assert [x.decode() for x in result.as_numpy("label")] == [p["label"] for p in v1["predictions"]]
+
+    image = triton.InferInput("features", [2, 8, 8], "FP32")
+    image.set_data_from_numpy(np.array([DIGIT_ROW, DIGIT_ROW], dtype=np.float32).reshape(2, 8, 8))
+    digits = client.infer("digits", [image])
+    v1_digits = requests.post(f"{url}/v1/models/digits:predict", json={"instances": [DIGIT_ROW]}, timeout=30).json()
+    assert [x.decode() for x in digits.as_numpy("label")] == ["0", "0"] == [v1_digits["predictions"][0]["label"]] * 2
+
+
+BIG = b'{"instances": ["' + b"x" * (1 << 20) + b'"]}'
+BAD_REQUESTS = [
+    ("malformed JSON", "POST", "/v1/models/reviews:predict", b'{"instances": [', 400, "invalid JSON"),
+    ("NaN", "POST", "/v1/models/digits:predict", b'{"instances": [[NaN]]}', 400, "NaN is not valid JSON"),
+    ("Infinity", "POST", "/v1/models/digits:predict", b'{"instances": [[Infinity]]}', 400, "Infinity is not valid JSON"),
+    ("invalid UTF-8", "POST", "/v1/models/reviews:predict", b'{"instances": ["\xff"]}', 400, "not valid UTF-8"),
+    ("deep nesting", "POST", "/v1/models/digits:predict", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("oversized body", "POST", "/v1/models/reviews:predict", BIG, 413, "the limit is 1048576"),
+    ("empty instances", "POST", "/v1/models/reviews:predict", b'{"instances": []}', 422, "at least 1 item"),
+    ("missing instances", "POST", "/v1/models/reviews:predict", b'{"inputs": ["a"]}', 422, "instances: Field required"),
+    ("wrong type", "POST", "/v1/models/reviews:predict", b'{"instances": [{"text": "a"}]}', 422, "instances.0"),
+    ("number for a text model", "POST", "/v1/models/reviews:predict", b'{"instances": [[1.0]]}', 422,
+     "instances[0]: expected a text string"),
+    ("too many instances", "POST", "/v1/models/reviews:predict",
+     b'{"instances": [' + b",".join([b'"a"'] * 300) + b"]}", 422, "300 instances; the limit is 256"),
+    ("text too long", "POST", "/v1/models/reviews:predict", b'{"instances": ["' + b"y" * 5000 + b'"]}', 422,
+     "text of 5000 characters; the limit is 4096"),
+    ("wrong image shape", "POST", "/v1/models/digits:predict", b'{"instances": [[1, 2, 3]]}', 422,
+     "digits takes 8x8 images or rows of 64 pixel values"),
+    ("unknown model", "POST", "/v1/models/nope:predict", b'{"instances": ["a"]}', 404, "unknown model 'nope'"),
+    ("unknown version", "POST", "/v2/models/digits/versions/7/infer", b'{"inputs": []}', 404, "no version '7'"),
+    ("V2 wrong datatype", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', 422, "takes FP32"),
+    ("V2 wrong shape", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}', 422, "expected [N, 64]"),
+    ("V2 data/shape mismatch", "POST", "/v2/models/reviews/infer",
+     b'{"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}', 422, "1 values for shape [2]"),
+    ("V2 truncated binary", "POST", "/v2/models/digits/infer", None, 400, "binary_data_size 256 does not fit"),
+]
+
+
+def _send(url: str, method: str, path: str, body: bytes | None):
+    if body is None:  # a binary V2 request whose tensor bytes were cut short
+        header = b'{"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}'
+        return requests.post(url + path, data=header + b"\0" * 100, timeout=30,
+                             headers={"Inference-Header-Content-Length": str(len(header))})
+    return requests.request(method, url + path, data=body, timeout=30)
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_its_status_and_a_json_error(service, case):
+    url, _ = service
+    _, method, path, body, status, message = case
+    before = replica_pids()
+    response = _send(url, method, path, body)
+    assert response.status_code == status, response.text[:300]
+    assert message in response.json()["error"]
+    assert replica_pids() == before  # no replica crashed or restarted
+    ok = requests.post(f"{url}/v1/models/digits:predict", json={"instances": [DIGIT_ROW]}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] == "0"
+
+
+def test_a_poisoned_instance_fails_only_its_own_request_in_a_batch(service):
+    url, _ = service
+    before = stats(url, "digits")
+    bodies = [{"instances": [DIGIT_ROW]}] * 6 + [{"instances": [DIGIT_ROW[:63]]}]  # one row a pixel short
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: requests.post(f"{url}/v1/models/digits:predict", json=b, timeout=30), bodies))
+    assert [a.status_code for a in answers] == [200] * 6 + [422]
+    assert "shape [1, 63]" in answers[-1].json()["error"]
+    after = stats(url, "digits")
+    assert after["inference_count"] - before["inference_count"] == 6
+    assert after["execution_count"] - before["execution_count"] < 6  # the good ones really were batched
+
+
+def test_user_config_changes_the_batch_size_without_restarting_replicas(service):
+    url, registry = service
+    pids = replica_pids()
+
+    def burst() -> int:
+        before = stats(url, "digits")["execution_count"]
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: requests.post(f"{url}/v1/models/digits:predict",
+                                                          json={"instances": [DIGIT_ROW]}, timeout=30).status_code, range(8)))
+        assert codes == [200] * 8
+        return stats(url, "digits")["execution_count"] - before
+
+    deploy_config(registry, {"max_batch_size": 1, "batch_wait_timeout_s": 0.05})
+    assert stats(url, "digits")["max_batch_size"] == 1
+    assert burst() == 8  # one model call per request
+    deploy_config(registry, {"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
+    assert stats(url, "digits")["max_batch_size"] == 16
+    assert burst() < 8
+    assert replica_pids() == pids
+
+
+def test_overload_is_refused_quickly_with_503_and_every_accepted_request_succeeds(service):
+    from ray import serve
+
+    from serve_deployments.app import build_app
+
+    url, registry = service
+    args = {"registry": str(registry), "models": ["digits"], "num_cpus": 0.25,
+            "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+            "limits": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
+    serve.run(build_app(args), name="tight", route_prefix="/tight")
+    try:
+        rows = [DIGIT_ROW] * 256  # each request a full batch of its own
+        start = threading.Barrier(24)
+
+        def call(_):
+            start.wait()
+            began = time.perf_counter()
+            r = requests.post(f"{url}/tight/v1/models/digits:predict", json={"instances": rows}, timeout=60)
+            return r.status_code, time.perf_counter() - began, (r.json() if r.headers.get("content-type") == "application/json" else r.text)
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(call, range(24)))
+        codes = [c for c, _, _ in results]
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes  # 1 running + 1 queued at least
+        refused = [(t, body) for c, t, body in results if c == 503]
+        assert all(isinstance(body, dict) and "at capacity" in body["error"] for _, body in refused), refused[:3]
+        assert max(t for t, _ in refused) < 5  # refused at once, not after a timeout
+        assert all(len(body["predictions"]) == 256 for c, _, body in results if c == 200)
+    finally:
+        serve.delete("tight")
