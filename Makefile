@@ -12,7 +12,7 @@ RUN_DIR := runs/$(basename $(notdir $(CONFIG)))
 .PHONY: install demo test test-unit test-integration clean help
 
 help:
-	@echo "make demo   - train digits on a local single-node Ray (2 DDP workers), export it, register it as champion"
+	@echo "make demo   - train digits on a local Ray, export it, make it champion, serve it (NO_WAIT=1: exit after samples)"
 	@echo "make test   - run the unit and integration tests"
 	@echo "make clean  - remove run outputs (runs/, registry/)"
 
@@ -26,13 +26,16 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# Train digits, export its best checkpoint (ONNX + int8, parity-checked) and make it champion.
-# Exit code 3 from export means the promotion gate kept the current champion: the demo still succeeds.
+# Train digits, export its best checkpoint (ONNX + int8, parity-checked), make it champion, serve it
+# on 127.0.0.1:8000 and answer sample requests through /v1 and V2; then serve until Ctrl-C
+# (NO_WAIT=1 make demo exits after the samples). Exit code 3 from export means the promotion gate
+# kept the current champion: the demo still succeeds and serves that champion.
 demo: $(STAMP)
 	$(PY) -m ray_apps train --config $(CONFIG) --restart --json-out runs/demo_result.json
 	$(PY) -m ray_apps export --checkpoint $(RUN_DIR) --name $(MODEL) --quantize int8 --promote champion \
 	    --json-out runs/demo_package.json || [ $$? -eq 3 ]
 	$(PY) -m ray_apps registry list $(MODEL)
+	NO_WAIT=$(NO_WAIT) $(PY) -m ray_apps serve --model $(MODEL)@champion
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

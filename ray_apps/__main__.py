@@ -3,6 +3,7 @@
     python -m ray_apps train --config ray_apps/configs/digits_cnn.yaml [--set optim.lr=3e-4] [--dry-run]
     python -m ray_apps export --checkpoint runs/digits_cnn --name digits --quantize int8 --promote champion
     python -m ray_apps registry list
+    python -m ray_apps serve --model digits@champion
 
 Each job lives in its own module here; this file only maps job names to them.
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_apps import export, registry, train
+from ray_apps import export, registry, serve, train
 
-JOBS = {"train": train, "export": export, "registry": registry}
+JOBS = {"train": train, "export": export, "registry": registry, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,7 +204,8 @@ def v2_response(req: V2Request, answer: dict[str, Any], labels: list[str]) -> tu
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            out["data"] = value.reshape(-1).tolist()
+            flat = value.reshape(-1).tolist()
+            out["data"] = [round(x, 6) for x in flat] if datatype == "FP32" else flat
         outputs.append(out)
     doc = {"model_name": answer["model"], "model_version": answer["model_version"], "outputs": outputs}
     if req.id is not None:

@@ -221,3 +221,21 @@ def test_overload_is_refused_quickly_with_503_and_every_accepted_request_succeed
         assert all(len(body["predictions"]) == 256 for c, _, body in results if c == 200)
     finally:
         serve.delete("tight")
+
+
+def test_prometheus_metrics_are_exported_for_requests_batches_and_errors(service):
+    import ray
+
+    url, _ = service
+    requests.post(f"{url}/v1/models/digits:predict", json={"instances": [DIGIT_ROW]}, timeout=30)
+    requests.post(f"{url}/v1/models/digits:predict", json={"instances": [[1, 2]]}, timeout=30)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ['ray_rayfoundry_requests_total{', 'status="200"', 'status="422"', "ray_rayfoundry_request_latency_seconds_bucket",
+              "ray_rayfoundry_batch_size_bucket", "ray_rayfoundry_queue_wait_seconds_bucket", "ray_rayfoundry_inference_seconds_bucket"]
+    deadline, text = time.time() + 40, ""
+    while time.time() < deadline and not all(w in text for w in wanted):
+        time.sleep(2)  # Ray exports metrics every few seconds
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert all(w in text for w in wanted), [w for w in wanted if w not in text]
+    line = next(l for l in text.splitlines() if l.startswith("ray_rayfoundry_requests_total{") and 'status="422"' in l)
+    assert 'model="digits"' in line and 'version="1"' in line

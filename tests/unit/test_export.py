@@ -236,3 +236,13 @@ def test_cli_registry_list_show_promote_rollback_and_errors(checkpoints, tmp_pat
     assert "neither a checkpoint" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(checkpoints["cnn"]), "--name", "bad name", "--registry", str(tmp_path)]) == 2
     assert "--name: String should match pattern" in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_an_unknown_model_before_starting_ray(checkpoints, tmp_path, capsys):
+    from ray_apps.__main__ import main
+
+    export(ExportJob(checkpoint=str(checkpoints["cnn"]), name="digits", registry=str(tmp_path)), log=lambda *_: None)
+    assert main(["serve", "--model", "digits@champion", "--registry", str(tmp_path)]) == 2
+    assert "digits@champion: no alias 'champion' (aliases: none)" in capsys.readouterr().err
+    assert main(["serve", "--model", "nope", "--registry", str(tmp_path)]) == 2
+    assert "nope: no such model" in capsys.readouterr().err

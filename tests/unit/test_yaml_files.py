@@ -40,10 +40,25 @@ def _validate_logging_config(path: Path) -> None:
     logging.getLogger().handlers.clear()
 
 
+def _validate_serve_config(path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_deployments.config import ServeArgs
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert config.http_options.host == "127.0.0.1", "Serve binds loopback unless a config says otherwise"
+    for app in config.applications:
+        assert app.import_path == "serve_deployments.app:build_app"
+        ServeArgs.model_validate(app.args)  # the builder's own typed arguments
+        names = {f"model-{ref.split('@')[0].split(':')[0]}" for ref in app.args["models"]}
+        assert {d.name for d in app.deployments or []} <= names, "deployment overrides name model-<model>"
+
+
 VALIDATORS = {
     "ray_apps/configs/": _validate_train_job,
     "cluster_configs/runtime_env.yaml": _validate_runtime_env,
     "trainers/ray_data_logging.yaml": _validate_logging_config,
+    "cluster_configs/serve/": _validate_serve_config,
 }
 
 
@@ -53,3 +68,19 @@ def test_every_yaml_has_a_validator_and_passes_it(path):
     matches = [fn for prefix, fn in VALIDATORS.items() if rel.startswith(prefix)]
     assert matches, f"{rel}: no validator; add one to VALIDATORS in {Path(__file__).name}"
     matches[0](path)
+
+
+def test_grafana_dashboard_plots_only_metrics_the_service_exports():
+    """Every series the dashboard queries is one serve_deployments defines (Ray adds the ray_ prefix
+    and Prometheus the histogram suffixes), so a renamed metric cannot leave a panel silently empty."""
+    import json
+    import re
+
+    dashboard = json.loads((REPO / "cluster_configs" / "monitoring" / "rayfoundry-serving.json").read_text())
+    source = "".join(p.read_text() for p in (REPO / "serve_deployments").glob("*.py"))
+    defined = set(re.findall(r'metrics\.(?:Counter|Histogram|Gauge)\(\s*"(\w+)"', source))
+    assert len(defined) >= 5, defined
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bray_(rayfoundry_\w+)", e)}
+    assert used and used <= defined, used - defined
+    assert defined <= used | {"rayfoundry_requests"}, f"metrics without a panel: {defined - used}"
