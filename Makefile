@@ -49,9 +49,12 @@ test-integration: $(STAMP)
 clean:
 	rm -rf runs registry
 
-.PHONY: bench-train bench-inference
+.PHONY: bench-train bench-inference bench-serve
 bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one process vs ZeRO-2/3 (~4 min)
 	$(PY) benchmarks/train_throughput.py
 
 bench-inference: $(STAMP)  ## MiniLM inference: torch fp32/bf16 vs ONNX Runtime fp32/int8, latency and accuracy (~6 min)
 	$(PY) benchmarks/inference_engines.py
+
+bench-serve: $(STAMP)  ## HTTP load: Serve with/without batching vs FastAPI+torch vs offline, CPU breakdown (~5 min)
+	$(PY) benchmarks/serve_load.py

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
 from benchmarks.flops import matmul_peak_flops, non_embedding_params  # noqa: E402
+from benchmarks.sst2_package import DEFAULT_CHECKPOINT, DEFAULT_REGISTRY, bench_package, checkpoint_or_train  # noqa: E402
 
 ENGINES = {  # label -> (package engine, bf16 autocast)
     "torch eager fp32": ("torch", False),
@@ -41,16 +41,6 @@ ENGINES = {  # label -> (package engine, bf16 autocast)
     "ONNX Runtime fp32": ("onnx", False),
     "ONNX Runtime int8": ("onnx-int8", False),
 }
-
-
-def checkpoint_or_train(path: Path) -> Path:
-    if path.exists():
-        return path
-    print(f"{path} not found: training a 1-epoch MiniLM on 8,000 SST-2 rows first (~5 min)", flush=True)
-    subprocess.run([sys.executable, "-m", "ray_apps", "train", "--config", "ray_apps/configs/sst2_minilm.yaml",
-                    "--set", "data.max_rows=8000", "--set", f"run.name={path.name}",
-                    "--set", f"run.storage_path={path.parent}"], cwd=REPO, check=True)
-    return path
 
 
 def bf16(enabled: bool):
@@ -76,21 +66,6 @@ def time_engines(predictors: dict, feeds: dict, seconds: float, rounds: int = 3)
     return lat
 
 
-def bench_package(ckpt: Path, registry: str):
-    """The package exported from `ckpt` with int8, reused from an earlier run when there is one."""
-    from trainers.export import ExportJob, export, resolve_checkpoint
-    from trainers.registry import Registry
-
-    reg, source = Registry(registry), str(resolve_checkpoint(str(ckpt))[0].resolve())
-    for version in reversed(reg.versions("sst2-bench")):
-        meta = reg.metadata("sst2-bench", version)
-        if meta["source"]["checkpoint"] == source and "model.int8.onnx" in meta["files"]:
-            return reg.open(f"sst2-bench:{version}")
-    meta = export(ExportJob(checkpoint=str(ckpt), name="sst2-bench", registry=registry, quantize="int8",
-                            max_int8_drop=1.0))  # record the int8 drop here, never refuse
-    return reg.open(f"sst2-bench:{meta['version']}")
-
-
 def flops_per_sequence(n_params: int, layers: int, hidden: int, seq: int) -> float:
     """2 x non-embedding params per token for the dense layers, plus QK^T and AV in every layer."""
     return 2 * n_params * seq + 4 * layers * seq * seq * hidden
@@ -98,9 +73,9 @@ def flops_per_sequence(n_params: int, layers: int, hidden: int, seq: int) -> flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "sst2_minilm",
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help="SST-2 MiniLM checkpoint or run dir (trained first when missing)")
-    p.add_argument("--registry", default=str(REPO / "runs" / "bench_registry"), help="where the package goes")
+    p.add_argument("--registry", default=DEFAULT_REGISTRY, help="where the package goes")
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--seconds", type=float, default=3.0, help="measured wall time per engine and cell")
     p.add_argument("--batches", default="1,8,32")

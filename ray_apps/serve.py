@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     connect_ray()
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})  # the proxy's access log too
     serve.run(app, name="rayfoundry", route_prefix="/")
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"serving {', '.join(p.ref for p in packages)} at {base} (engine {args.engine})")

@@ -215,6 +215,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     registry = Registry(cfg.registry)
     threads = cfg.intra_op_threads or max(1, round(cfg.num_cpus))
     scale = cfg.autoscaling
+    logging = {"log_level": "WARNING", "enable_access_log": cfg.access_log}
     handles, info = {}, {}
     for ref in cfg.models:
         name, version = registry.resolve(ref)  # pin the version: replicas added later load the same one
@@ -226,6 +227,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             "max_queued_requests": cfg.limits.max_queued_requests,
             "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
             "user_config": cfg.batching.model_dump(),
+            "logging_config": logging,
         }
         if scale.min_replicas == scale.max_replicas:
             options["num_replicas"] = scale.max_replicas
@@ -236,5 +238,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # The ingress only awaits the model handles, whose bounded queues refuse overload with a JSON 503;
     # its own bound is wide (beyond it Serve's proxy answers 503 itself).
     capacity = max(1024, 2 * len(handles) * (cfg.limits.max_ongoing_requests + cfg.limits.max_queued_requests))
-    return Gateway.options(max_ongoing_requests=capacity, max_queued_requests=capacity).bind(
+    return Gateway.options(max_ongoing_requests=capacity, max_queued_requests=capacity, logging_config=logging).bind(
         handles, info, cfg.limits.model_dump())

@@ -44,6 +44,8 @@ class ServeArgs(Section):
     num_cpus: float = Field(1, gt=0, description="CPUs reserved per model replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica (set 1 on GPU nodes).")
     intra_op_threads: int = Field(0, ge=0, description="Engine threads per replica; 0 = one per reserved CPU.")
+    access_log: bool = Field(False, description="Serve's per-request access log in the replicas; off saves "
+                             "CPU on every request (metrics count requests either way).")
     batching: Batching = Batching()
     autoscaling: Autoscaling = Autoscaling()
     limits: Limits = Limits()

@@ -41,13 +41,15 @@ class ModelServer:
 
         quiet_libraries()
         self.package = Registry(registry).open(ref)  # verifies every file's sha256; never unpickles
-        self.predictor = Predictor(self.package, engine, device, intra_op_threads)
+        # No spinning: a replica shares its node's cores with Serve's proxy and other replicas.
+        self.predictor = Predictor(self.package, engine, device, intra_op_threads, spinning=False)
         meta = self.package.metadata
         self.name, self.version, self.engine = meta["name"], meta["version"], engine
         self.kind, self.labels = self.package.inputs["kind"], self.package.labels
         self.num_features = self.package.inputs.get("num_features")
         self.max_text_chars = max_text_chars
-        self.stats = {"inference_count": 0, "execution_count": 0, "failed_count": 0}
+        self.stats = {"inference_count": 0, "execution_count": 0, "failed_count": 0,
+                      "encode_seconds": 0.0, "engine_seconds": 0.0}
         self.batching: dict[str, float] = {}  # set by reconfigure (user_config) before the first request
         tags = {"model": self.name, "version": self.version}
         self.batch_size = metrics.Histogram("rayfoundry_batch_size", "Instances per model call.",
@@ -117,7 +119,12 @@ class ModelServer:
     def _run(self, parts: list[Any]) -> list[np.ndarray]:
         """One vectorized encode + engine call for all requests' instances; probabilities per request."""
         flat = [x for p in parts for x in p] if self.kind == "text" else np.concatenate(parts)
-        probs = softmax(self.predictor.logits(self.predictor.encode(flat)).astype(np.float64))
+        t0 = time.perf_counter()
+        feeds = self.predictor.encode(flat)
+        t1 = time.perf_counter()
+        probs = softmax(self.predictor.logits(feeds).astype(np.float64))
+        self.stats["encode_seconds"] += t1 - t0  # where a replica's time goes (benchmarks/serve_load.py)
+        self.stats["engine_seconds"] += time.perf_counter() - t1
         if not np.isfinite(probs).all():
             raise FloatingPointError("non-finite model output")
         return np.split(probs, np.cumsum([len(p) for p in parts])[:-1])

@@ -101,8 +101,9 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def onnx_session(path: Path, device: str = "cpu", intra_op_threads: int = 0):
-    """An ONNX Runtime session on CUDA (no TF32, so fp32 stays fp32) or CPU; 0 threads = ORT's default."""
+def onnx_session(path: Path, device: str = "cpu", intra_op_threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime session on CUDA (no TF32, so fp32 stays fp32) or CPU; 0 threads = ORT's default.
+    spinning=False: idle worker threads sleep instead of spinning, for CPUs shared with other processes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -110,6 +111,8 @@ def onnx_session(path: Path, device: str = "cpu", intra_op_threads: int = 0):
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
         providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": 0}))
@@ -119,7 +122,8 @@ def onnx_session(path: Path, device: str = "cpu", intra_op_threads: int = 0):
 class Predictor:
     """Instances -> logits [B, num_labels] with one engine of a verified package."""
 
-    def __init__(self, package: ModelPackage, engine: Engine = "onnx", device: str = "auto", intra_op_threads: int = 0):
+    def __init__(self, package: ModelPackage, engine: Engine = "onnx", device: str = "auto", intra_op_threads: int = 0,
+                 spinning: bool = True):
         if engine not in package.engines():
             raise PackageError(f"{package.path}: no {ENGINE_FILES[engine]} in this package "
                                f"(engines: {', '.join(package.engines())})")
@@ -138,7 +142,7 @@ class Predictor:
             torch.backends.cuda.matmul.allow_tf32 = False
             self.model = load_model(package.path).eval().to(self.device)
         else:
-            self.session = onnx_session(package.path / ENGINE_FILES[engine], self.device, intra_op_threads)
+            self.session = onnx_session(package.path / ENGINE_FILES[engine], self.device, intra_op_threads, spinning)
             self.input_names = [i.name for i in self.session.get_inputs()]
 
     @property
