@@ -29,12 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="model name in the registry, e.g. sst2")
     p.add_argument("--registry", default=os.environ.get("RAYFOUNDRY_REGISTRY", "registry"),
                    help="registry root: path or URI (default $RAYFOUNDRY_REGISTRY or ./registry)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="also ship model.int8.onnx")
-    p.add_argument("--max-int8-drop", type=float, default=0.01,
+    p.add_argument("--quantize", choices=["none", "int8"], help="int8: also ship model.int8.onnx (default none)")
+    p.add_argument("--max-int8-drop", type=float,
                    help="refuse int8 when validation accuracy drops more than this (default 0.01 = 1 point)")
-    p.add_argument("--parity-rows", type=int, default=64, help="validation rows compared torch vs ONNX (default 64)")
-    p.add_argument("--parity-tolerance", type=float, default=1e-4, help="max |logit diff| allowed (default 1e-4)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
+    p.add_argument("--parity-rows", type=int, help="validation rows compared torch vs ONNX (default 64)")
+    p.add_argument("--parity-tolerance", type=float, help="max |logit diff| allowed (default 1e-4)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: CUDA when present")
     p.add_argument("--promote", metavar="ALIAS", help="then point ALIAS (e.g. champion) at the new version")
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="promotion gate tolerance on the validation metric (default 0.005)")
@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     try:
-        spec = ExportJob(checkpoint=args.checkpoint, name=args.name, registry=args.registry, quantize=args.quantize,
-                         max_int8_drop=args.max_int8_drop, parity_rows=args.parity_rows,
-                         parity_tolerance=args.parity_tolerance, device=args.device)
+        # Unset options take ExportJob's defaults, so each default is written once.
+        given = {k: getattr(args, k) for k in ("quantize", "max_int8_drop", "parity_rows", "parity_tolerance", "device")
+                 if getattr(args, k) is not None}
+        spec = ExportJob(checkpoint=args.checkpoint, name=args.name, registry=args.registry, **given)
         meta = export(spec)
     except ValidationError as e:
         err = e.errors()[0]

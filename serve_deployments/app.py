@@ -118,7 +118,7 @@ class Gateway:
     @api.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> dict[str, Any]:
         info = await self._model(name)
-        instances = v1_instances(parse_json(await self._body(request)), self.limits["max_instances"])
+        instances = v1_instances(parse_json(await self._body(request)))  # _predict checks max_instances
         answer = await self._predict(info, instances, "v1")
         return {"model": answer["model"], "model_version": answer["model_version"],
                 "predictions": [{"label": label, "probabilities": dict(zip(info["labels"], probs))}
@@ -139,7 +139,7 @@ class Gateway:
 
         for name, handle in self.models.items():
             try:  # a replica answering (or too busy to: it is up) means the model is ready
-                await asyncio.wait_for(handle.describe.remote(), 5)
+                await asyncio.wait_for(handle.statistics.remote(), 5)
             except BackPressureError:
                 pass
             except Exception as e:  # noqa: BLE001 - any failure means not ready
@@ -178,7 +178,7 @@ class Gateway:
         req, tensors = parse_v2(await self._body(request), request.headers.get(BINARY_HEADER))
         instances = self._v2_instances(info, tensors)
         answer = await self._predict(info, instances, "v2")
-        body, headers = v2_response(req, answer, info["labels"])
+        body, headers = v2_response(req, answer)
         return Response(content=body, headers=headers)
 
     @staticmethod

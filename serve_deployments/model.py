@@ -10,7 +10,6 @@ retried alone so only the guilty one fails.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -76,11 +75,6 @@ class ModelServer:
         out = self.predictor.logits(self.predictor.encode(tiny))
         if out.shape != (1, len(self.labels)) or not np.isfinite(out).all():
             raise RuntimeError(f"{self.name}:{self.version}: health check gave {out.shape} / non-finite logits")
-
-    def describe(self) -> dict[str, Any]:
-        """What the V2 metadata endpoint and the ingress need to know about this model."""
-        return {"name": self.name, "version": self.version, "engine": self.engine, "kind": self.kind,
-                "labels": self.labels, "num_features": self.num_features, "inputs": self.package.inputs}
 
     def statistics(self) -> dict[str, Any]:
         """This replica's counters: execution_count < inference_count means requests were batched."""
@@ -168,4 +162,4 @@ class ModelServer:
     def _answer(self, probs: np.ndarray) -> dict[str, Any]:
         top = probs.argmax(axis=1)
         return {"model": self.name, "model_version": self.version, "labels": [self.labels[k] for k in top],
-                "probabilities": [[round(float(p), 6) if math.isfinite(p) else None for p in row] for row in probs]}
+                "probabilities": np.round(probs, 6).tolist()}  # finite: _run refuses anything else

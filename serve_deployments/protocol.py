@@ -59,14 +59,11 @@ class PredictRequest(BaseModel):
     instances: list[StrictStr | list[Number] | list[list[Number]]] = Field(min_length=1)
 
 
-def v1_instances(payload: Any, max_instances: int) -> list[Any]:
+def v1_instances(payload: Any) -> list[Any]:
     try:
-        req = PredictRequest.model_validate(payload)
+        return PredictRequest.model_validate(payload).instances
     except ValidationError as e:
         raise ApiError(422, _validation_message(e)) from None
-    if len(req.instances) > max_instances:
-        raise ApiError(422, f"instances: {len(req.instances)} instances; the limit is {max_instances} per request")
-    return req.instances
 
 
 class V2Tensor(BaseModel):
@@ -183,7 +180,7 @@ def _from_json(t: V2Tensor, count: int) -> np.ndarray:
     return np.asarray(flat.astype(np.float64), dtype=DTYPES[t.datatype]).reshape(t.shape)
 
 
-def v2_response(req: V2Request, answer: dict[str, Any], labels: list[str]) -> tuple[bytes, dict[str, str]]:
+def v2_response(req: V2Request, answer: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     """The V2 response body and headers; binary outputs when the request asked for them."""
     probs = np.asarray(answer["probabilities"], dtype=np.float32)
     label = np.asarray(answer["labels"], dtype=object)

@@ -49,6 +49,12 @@ class FieldSpec:
     feature_columns: tuple[str, ...] | None = None
     on_bad_row: str = "error"
 
+    @classmethod
+    def from_config(cls, data_cfg) -> FieldSpec:
+        """From a config's data section (duck-typed: this module does not import the config)."""
+        columns = tuple(data_cfg.feature_columns) if data_cfg.feature_columns else None
+        return cls(data_cfg.label_column, data_cfg.text_column, columns, data_cfg.on_bad_row)
+
     def required(self) -> list[str]:
         cols = [self.label_column] + ([self.text_column] if self.text_column else [])
         return cols + list(self.feature_columns if self.feature_columns is not None else [])

@@ -128,8 +128,7 @@ class PreparedData:
 def prepare_data(job: TrainJob, tokenizer_path: str | None) -> PreparedData:
     cfg, seed = job.data, job.run.seed
     train_raw = read_source(cfg.train_path, cfg, "train_path")
-    spec = FieldSpec(cfg.label_column, cfg.text_column,
-                     tuple(cfg.feature_columns) if cfg.feature_columns else None, cfg.on_bad_row)
+    spec = FieldSpec.from_config(cfg)
     spec = spec.resolve(train_raw.columns(), cfg.train_path)
     fraction = None if cfg.validation_path else cfg.validation_fraction
 

@@ -84,8 +84,7 @@ def load_validation(job: TrainJob, labels: list[str], tokenizer=None) -> Validat
     cfg = job.data
     path = cfg.validation_path or cfg.train_path
     raw = read_rows(path, job)
-    spec = FieldSpec(cfg.label_column, cfg.text_column,
-                     tuple(cfg.feature_columns) if cfg.feature_columns else None, cfg.on_bad_row)
+    spec = FieldSpec.from_config(cfg)
     spec = spec.resolve(raw.column_names, path)
     enc = encode_batch(raw, spec, {label: i for i, label in enumerate(labels)}, tokenizer, cfg.max_length)
     keep = np.array([e is None for e in enc["_error"]], dtype=bool)
