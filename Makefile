@@ -49,7 +49,7 @@ test-integration: $(STAMP)
 clean:
 	rm -rf runs registry
 
-.PHONY: bench-train bench-inference bench-serve
+.PHONY: bench-train bench-inference bench-serve bench-tune
 bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one process vs ZeRO-2/3 (~4 min)
 	$(PY) benchmarks/train_throughput.py
 
@@ -58,3 +58,6 @@ bench-inference: $(STAMP)  ## MiniLM inference: torch fp32/bf16 vs ONNX Runtime 
 
 bench-serve: $(STAMP)  ## HTTP load: Serve with/without batching vs FastAPI+torch vs offline, CPU breakdown (~5 min)
 	$(PY) benchmarks/serve_load.py
+
+bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial overhead (~8 min)
+	$(PY) benchmarks/tune_efficiency.py

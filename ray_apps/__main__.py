@@ -1,6 +1,7 @@
 """rayfoundry command line: `python -m ray_apps <job> [options]`.
 
     python -m ray_apps train --config ray_apps/configs/digits_cnn.yaml [--set optim.lr=3e-4] [--dry-run]
+    python -m ray_apps tune --config ray_apps/configs/tune_digits.yaml [--register digits]
     python -m ray_apps export --checkpoint runs/digits_cnn --name digits --quantize int8 --promote champion
     python -m ray_apps registry list
     python -m ray_apps serve --model digits@champion
@@ -13,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_apps import export, registry, serve, train
+from ray_apps import export, registry, serve, train, tune
 
-JOBS = {"train": train, "export": export, "registry": registry, "serve": serve}
+JOBS = {"train": train, "tune": tune, "export": export, "registry": registry, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,9 +257,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+UNION_SECTIONS = ("model", "strategy", "scheduler")
+
+
 def _describe(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+    parts = [str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    # A discriminated union puts its tag in the path (model.cnn.hidden); the field is model.hidden.
+    parts = [p for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] in UNION_SECTIONS and i + 1 < len(parts))]
+    loc = ".".join(parts)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -280,18 +286,22 @@ def parse_job(raw: Any, source: str = "<config>") -> TrainJob:
         raise ConfigError(_describe(e, source)) from None
 
 
-def load_job(path: str | Path, overrides: list[str] = ()) -> TrainJob:
-    """Read a job YAML, apply `--set` overrides, validate; every failure is a one-line ConfigError."""
-    path = Path(path)
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML; a missing file or a syntax error is a ConfigError naming file and line."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+        return yaml.safe_load(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
-    raw = apply_overrides(raw or {}, list(overrides))
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> TrainJob:
+    """Read a job YAML, apply `--set` overrides, validate; every failure is a one-line ConfigError."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path) or {}, list(overrides))
     job = parse_job(raw, str(path))
     if job.run.name is None:
         job.run.name = path.stem

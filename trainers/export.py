@@ -53,18 +53,26 @@ class ExportJob(Section):
 def resolve_checkpoint(path: str) -> tuple[Path, dict | None]:
     """(checkpoint dir, run summary or None). A run directory resolves to its best checkpoint."""
     p = Path(path)
-    summary = None
-    if (p / "result.json").is_file():
-        summary = json.loads((p / "result.json").read_text())
+    summary = _run_summary(p / "result.json")
+    if summary is not None:
         best = summary.get("best_checkpoint") or summary.get("latest_checkpoint")
         if not best:
             raise ExportError(f"{p / 'result.json'}: the run recorded no checkpoint")
         p = Path(best)
-    elif (p.parent / "result.json").is_file():
-        summary = json.loads((p.parent / "result.json").read_text())
+    else:
+        summary = _run_summary(p.parent / "result.json")
     if not (p / "model.safetensors").is_file():
         raise ExportError(f"{p}: neither a checkpoint (no model.safetensors) nor a run directory (no result.json)")
     return p, summary
+
+
+def _run_summary(path: Path) -> dict | None:
+    """A training run's result.json; None for other files of that name (a Tune trial's is JSON lines)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "run_dir" in summary else None
 
 
 class _Logits(torch.nn.Module):

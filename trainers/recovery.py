@@ -38,13 +38,18 @@ def _kept_checkpoints(run_dir: str) -> list[ray.train.Checkpoint]:
     return [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs]
 
 
-def resume(engine, rank: int, run_dir: str) -> tuple[dict[str, Any] | None, list[str]]:
+def resume(engine, rank: int, run_dir: str, init: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
     """Restore the newest usable checkpoint into `engine`; returns its trainer state (or None for a fresh
-    start) and one note per checkpoint skipped as corrupt."""
+    start) and one note per checkpoint skipped as corrupt. `init` (a checkpoint of another run, e.g. the
+    one a Tune trial continues from) is used only when this run has none of its own; its state then
+    has `from_init` set."""
     latest = ray.train.get_checkpoint()
     candidates = _kept_checkpoints(run_dir)
     if latest is not None and Path(latest.path).name not in {Path(c.path).name for c in candidates}:
         candidates.insert(0, latest)
+    if init is not None:
+        fs, path = pafs.FileSystem.from_uri(init)
+        candidates.append(ray.train.Checkpoint(path=path, filesystem=fs))
     if not candidates:
         return None, []
     skipped = []
@@ -52,7 +57,9 @@ def resume(engine, rank: int, run_dir: str) -> tuple[dict[str, Any] | None, list
         try:
             with checkpoint.as_directory() as d:
                 state = load_trainer_state(Path(d), engine, rank)
-            state["resumed_from"] = Path(checkpoint.path).name
+            from_init = init is not None and checkpoint is candidates[-1]
+            state["resumed_from"] = init if from_init else Path(checkpoint.path).name
+            state["from_init"] = from_init
             return state, skipped
         except CheckpointError as e:
             skipped.append(f"{Path(checkpoint.path).name}: {e}".replace(f"{Path(checkpoint.path).name}: /", "/"))

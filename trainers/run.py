@@ -27,8 +27,15 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None) -> None
     if address == "local" or not os.environ.get("RAY_ADDRESS"):
         # A local Ray we start ourselves gets quiet logging in every process; on a cluster the job's
         # runtime_env carries the same variables (see cluster_configs/ and the README).
-        kwargs |= {"num_cpus": num_cpus, "runtime_env": {"env_vars": quiet_env()}}
+        kwargs |= {"num_cpus": num_cpus, "runtime_env": {"env_vars": quiet_env() | SINGLE_NODE_ENV}}
     ray.init(**kwargs)
+
+
+# A local Ray we start is one node that nothing preempts: Ray Train's preemption watcher (one more actor
+# per run) has nothing to watch, and its controller can poll the workers every 0.25 s instead of 2 s
+# (each run ends up to 2 s sooner, and starts sooner with one process fewer). Measured on 2 cores: a
+# 2-epoch digits fit went from 38 s to 27 s. Clusters keep Ray's defaults.
+SINGLE_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def quiet_env() -> dict[str, str]:
@@ -88,8 +95,12 @@ def _delete_run(uri: str) -> bool:
     return True
 
 
-def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=print) -> dict[str, Any]:
-    """Run (or resume) the job and return the summary that result.json holds."""
+def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=print, callbacks: list | None = None,
+          init_checkpoint: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) the job and return the summary that result.json holds.
+
+    For Tune trials: `callbacks` are extra Train callbacks (the trial's report relay), `init_checkpoint`
+    a checkpoint the run starts from when it has none of its own, `quiet` drops the per-epoch lines."""
     quiet_libraries()
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -138,7 +149,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             "feature_columns": list(data.feature_columns) if data.feature_columns else None,
             "feature_moments": data.feature_moments, "total_steps": steps_per_epoch * job.run.epochs,
             "steps_per_epoch": steps_per_epoch, "run_dir": out_dir, "fault": fault_from_env(),
-            "dry_run": dry_run,
+            "dry_run": dry_run, "init_checkpoint": init_checkpoint, "quiet": quiet,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=0 if dry_run else world, use_gpu=bool(use_gpu), resources_per_worker=resources),
@@ -149,7 +160,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
                 num_to_keep=job.checkpoint.keep, checkpoint_score_attribute=job.checkpoint.metric,
                 checkpoint_score_order=job.checkpoint.resolved_mode),
             failure_config=ray.train.FailureConfig(max_failures=job.failure.max_failures),
-            callbacks=[FailureLog(out_dir, run_id)],
+            callbacks=[FailureLog(out_dir, run_id), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # Validation is small and every worker reads all of it each epoch: read and tokenize it once.

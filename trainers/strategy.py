@@ -43,6 +43,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any, total_step
     return get_scheduler(optim_cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
+def apply_hyperparameters(engine: Any, optim_cfg: Any) -> None:
+    """Make a restored engine follow this job's lr and weight decay (a PBT clone continues another
+    trial's optimizer state with mutated values). The schedule keeps its position; its peak becomes
+    optim.lr. Group 0 decays, group 1 (biases, norms) never does: see build_optimizer."""
+    scheduler, groups = engine.scheduler, engine.optimizer.param_groups
+    scheduler.base_lrs = [optim_cfg.lr] * len(groups)
+    for i, (group, factor) in enumerate(zip(groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas))):
+        group["initial_lr"], group["lr"] = optim_cfg.lr, optim_cfg.lr * factor
+        group["weight_decay"] = optim_cfg.weight_decay if i == 0 else 0.0
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 class DDPEngine:
     """DDP through ray.train.torch.prepare_model; a single process (local mode) runs unwrapped."""
 

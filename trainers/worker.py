@@ -26,7 +26,7 @@ from trainers.loop import classification_metrics, evaluate, train_epoch
 from trainers.ray_data import PadCollate, quiet_ray_data_console
 from trainers.recovery import InjectedExit, resume
 from trainers.models import build_model, load_tokenizer, model_config
-from trainers.strategy import all_reduce_sum, build_engine
+from trainers.strategy import all_reduce_sum, apply_hyperparameters, build_engine
 
 EVAL_BATCH = 256
 
@@ -103,12 +103,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_epoch, history, resumed = 1, [], {}
     if not dry_run:
-        state, skipped = resume(engine, rank, config["run_dir"])
+        state, skipped = resume(engine, rank, config["run_dir"], config.get("init_checkpoint"))
         for note in skipped if rank == 0 else []:
             print(f"skipping corrupt checkpoint {note}", flush=True)
         if state is not None:
             start_epoch, history = state["epoch"] + 1, state["history"]
             resumed = {"resumed_from": state["resumed_from"], "skipped_checkpoints": skipped}
+            if state["from_init"]:  # another run's state, this job's hyperparameters (PBT exploit)
+                apply_hyperparameters(engine, job.optim)
             if rank == 0:  # checkpoints are taken at epoch ends: a failed epoch restarts from its beginning
                 print(f"resumed from {state['resumed_from']} (epoch {state['epoch']}, step {engine.global_step}); "
                       f"epoch {start_epoch} starts from its first batch", flush=True)
@@ -146,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": time.perf_counter() - t0,
         } | resumed
         history.append(metrics)
-        if rank == 0:
+        if rank == 0 and not config.get("quiet"):
             print(format_epoch(epoch, job.run.epochs, metrics), flush=True)
         if dry_run:
             ray.train.report(metrics)

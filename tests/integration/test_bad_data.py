@@ -45,8 +45,12 @@ def test_bad_rows_stop_the_run_with_location(ray_cluster, tmp_path, train_text, 
 
 
 def test_skip_mode_drops_and_counts_bad_rows(ray_cluster, tmp_path):
+    """The counts the driver reports are the rows the Ray Data pipelines then hand to the workers."""
+    from trainers.models import default_text_model_dir
+    from trainers.ray_data import prepare_data
+
     text = HEADER + GOOD + "too\tmany\tcolumns\n" + "  \t1\n" + "fine\t\n" + GOOD
-    summary = train(_job(tmp_path, text, on_bad_row="skip", validation_fraction=0.25))
-    assert summary["skipped_rows"] == 3
-    assert summary["train_rows"] + summary["val_rows"] == 80
-    assert summary["labels"] == ["0", "1"]
+    data = prepare_data(_job(tmp_path, text, on_bad_row="skip", validation_fraction=0.25), default_text_model_dir())
+    assert data.skipped_rows == 3
+    assert data.train_rows + data.val_rows == 80 and data.labels == ["0", "1"]
+    assert data.train.count() == data.train_rows and data.val.count() == data.val_rows

@@ -20,26 +20,45 @@ from trainers.run import train
 DIGITS = REPO / "ray_apps" / "configs" / "digits_cnn.yaml"
 
 
-def _job(tmp_path, name, epochs=3, *more):
-    return load_job(DIGITS, [f"run.storage_path={tmp_path}", f"run.name={name}", f"run.epochs={epochs}", *more])
-
-
-def test_worker_death_mid_epoch_restarts_and_matches_an_uninterrupted_run(ray_cluster, tmp_path, monkeypatch):
-    clean = train(_job(tmp_path, "clean"))
+def test_worker_death_mid_epoch_restarts_and_matches_an_uninterrupted_run(digits_run, tmp_path, monkeypatch):
+    """The default job with rank 1 killed mid-epoch ends exactly where the session's uninterrupted run
+    of the same job ended; then its newest checkpoint is truncated and the run continues from the
+    one before, naming the bad file."""
+    _, clean, _ = digits_run
     marker = tmp_path / "exited-once"
     monkeypatch.setenv(FAULT_ENV, f"rank=1,epoch=2,step=7,marker={marker}")
-    crashed = train(_job(tmp_path, "crashed"))
+    crashed = train(load_job(DIGITS, [f"run.storage_path={tmp_path}", "run.name=crashed"]))
+    monkeypatch.delenv(FAULT_ENV)
     assert marker.read_text() == "exited at step 7\n"  # the fault really fired, mid-epoch
     assert crashed["restarts"] == 1
     failures = list((tmp_path / "crashed" / "failures").glob(f"{crashed['run_id']}-*.json"))
     assert len(failures) == 1 and "1" in json.loads(failures[0].read_text())["ranks"]
-    assert crashed["final_metrics"]["resumed_from"] == "epoch_0001"
+    history = json.loads((Path(crashed["latest_checkpoint"]) / "trainer_state.json").read_text())["history"]
+    assert history[1]["resumed_from"] == "epoch_0001"  # epoch 2 restarted from epoch 1's checkpoint
     assert crashed["global_step"] == clean["global_step"]
     # Epoch 2 restarts from the epoch-1 checkpoint with every RNG, the optimizer and the data order
     # restored, and gloo's CPU all-reduce sums in a fixed order, so the rerun is bit-for-bit the same
     # computation. The tolerance only absorbs float formatting, not a real difference.
     for key in ("val_loss", "val_accuracy", "val_macro_f1", "train_loss"):
         assert crashed["final_metrics"][key] == pytest.approx(clean["final_metrics"][key], rel=1e-6, abs=1e-9)
+
+    # A truncated upload of the newest checkpoint costs one epoch, not the run.
+    kept = sorted(p.name for p in (tmp_path / "crashed").glob("epoch_*"))
+    assert len(kept) >= 2 and kept[-1] == "epoch_0008", kept
+    weights = tmp_path / "crashed" / kept[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    previous = json.loads((tmp_path / "crashed" / kept[-2] / "trainer_state.json").read_text())
+    resumed = train(load_job(DIGITS, [f"run.storage_path={tmp_path}", "run.name=crashed", "run.epochs=9"]))
+    assert resumed["final_metrics"]["resumed_from"] == kept[-2]
+    (note,) = resumed["final_metrics"]["skipped_checkpoints"]
+    assert f"{weights}: sha256 mismatch" in note
+    assert resumed["epochs_completed"] == 9
+    assert resumed["global_step"] == previous["global_step"] + (9 - previous["epoch"]) * clean["global_step"] // 8
+    state = json.loads((Path(resumed["latest_checkpoint"]) / "trainer_state.json").read_text())
+    assert [h["epoch"] for h in state["history"]] == list(range(1, 10))
+    assert state["history"][:previous["epoch"]] == previous["history"]  # kept, not trained again
+    again = train(load_job(DIGITS, [f"run.storage_path={tmp_path}", "run.name=crashed", "run.epochs=9"]))
+    assert again["wall_seconds"] == resumed["wall_seconds"]  # finished: nothing to do
 
 
 def test_rerun_after_the_driver_is_killed_continues_from_the_saved_epoch(ray_cluster, tmp_path):
@@ -69,20 +88,3 @@ def test_rerun_after_the_driver_is_killed_continues_from_the_saved_epoch(ray_clu
     assert 1 <= len(trained) <= 2 and "epoch 3/3" in trained[-1], rerun.stdout
     assert "done: digits_cnn epochs 3" in rerun.stdout
     assert json.loads(out.read_text()) == result
-
-
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path):
-    first = train(_job(tmp_path, "corrupt", 2, "checkpoint.keep=2"))
-    epoch1 = json.loads((tmp_path / "corrupt" / "epoch_0001" / "trainer_state.json").read_text())["history"][0]
-    weights = tmp_path / "corrupt" / "epoch_0002" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated upload
-    resumed = train(_job(tmp_path, "corrupt", 3, "checkpoint.keep=2"))
-    assert resumed["final_metrics"]["resumed_from"] == "epoch_0001"
-    (note,) = resumed["final_metrics"]["skipped_checkpoints"]
-    assert f"{weights}: sha256 mismatch" in note
-    assert resumed["epochs_completed"] == 3 and resumed["global_step"] == 3 * first["global_step"] // 2
-    state = json.loads((Path(resumed["latest_checkpoint"]) / "trainer_state.json").read_text())
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
-    assert state["history"][0] == epoch1  # epoch 1 was kept, not trained again
-    again = train(_job(tmp_path, "corrupt", 3, "checkpoint.keep=2"))  # finished: nothing to do
-    assert again["epochs_completed"] == 3 and again["wall_seconds"] == resumed["wall_seconds"]

@@ -54,7 +54,14 @@ def _validate_serve_config(path: Path) -> None:
         assert {d.name for d in app.deployments or []} <= names, "deployment overrides name model-<model>"
 
 
-VALIDATORS = {
+def _validate_tune_job(path: Path) -> None:
+    from tuning.config import load_tune
+
+    load_tune(path)  # the sweep, its base TrainJob and every bound of its search space
+
+
+VALIDATORS = {  # the first matching prefix wins
+    "ray_apps/configs/tune_": _validate_tune_job,
     "ray_apps/configs/": _validate_train_job,
     "cluster_configs/runtime_env.yaml": _validate_runtime_env,
     "trainers/ray_data_logging.yaml": _validate_logging_config,
