@@ -32,8 +32,27 @@ class ReportRelay(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        import ray
+
         ckpt = (checkpoint.path, checkpoint.filesystem) if checkpoint is not None else None
-        self.queue.put((dict(metrics[0]), ckpt), block=True)
+        controller = ray.get_runtime_context().current_actor  # so the trial can abort this run
+        self.queue.put((dict(metrics[0]), ckpt, controller), block=True)
+
+
+def _abort(controller, queue, runner: threading.Thread) -> None:
+    """Tune stopped the trial (ASHA, a PBT exploit, the end of the sweep) while its Train run was still
+    going: abort the run the way Ray Train's own Ctrl-C handler does, which removes its placement
+    group. Otherwise the controller waits forever on the relay queue, the trial's CPUs stay reserved,
+    and a small cluster hangs: the next trials' Ray Data tasks never get a whole CPU."""
+    import ray
+
+    if controller is not None:
+        try:
+            ray.get(controller.abort.remote(), timeout=60)
+        except Exception:  # abort ends the controller process, so the call itself fails
+            pass
+    queue.shutdown(force=True)
+    runner.join(timeout=60)
 
 
 def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str) -> None:
@@ -66,18 +85,21 @@ def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str
 
     runner = threading.Thread(target=fit, name="train-fit", daemon=True)
     runner.start()
-    while True:
-        try:
-            metrics, ckpt = queue.get(block=True, timeout=0.5)
-        except Empty:
-            if runner.is_alive():
-                continue
-            if queue.empty():
+    controller = None
+    try:
+        while True:
+            try:
+                metrics, ckpt, controller = queue.get(block=True, timeout=0.5)
+            except Empty:
+                if runner.is_alive() or not queue.empty():
+                    continue
                 break
-            continue
-        checkpoint = ray.tune.Checkpoint(path=ckpt[0], filesystem=ckpt[1]) if ckpt else None
-        metrics[CHECKPOINT_PATH_KEY] = ckpt[0] if ckpt else None
-        ray.tune.report(metrics, checkpoint=checkpoint)
+            checkpoint = ray.tune.Checkpoint(path=ckpt[0], filesystem=ckpt[1]) if ckpt else None
+            metrics[CHECKPOINT_PATH_KEY] = ckpt[0] if ckpt else None
+            ray.tune.report(metrics, checkpoint=checkpoint)  # raises SystemExit when Tune stops the trial
+    finally:
+        if runner.is_alive():
+            _abort(controller, queue, runner)
     runner.join()
     if "error" in outcome:
         raise outcome["error"]
