@@ -9,12 +9,13 @@ CONFIG ?= ray_apps/configs/digits_cnn.yaml
 MODEL ?= digits
 RUN_DIR := runs/$(basename $(notdir $(CONFIG)))
 
-.PHONY: install demo test test-unit test-integration clean help
+.PHONY: install demo test test-unit test-integration clean help cluster-up submit-train cluster-down
 
 help:
 	@echo "make demo   - train digits on a local Ray, export it, make it champion, serve it (NO_WAIT=1: exit after samples)"
 	@echo "make test   - run the unit and integration tests"
 	@echo "make clean  - remove run outputs (runs/, registry/)"
+	@echo "make cluster-up / submit-train / cluster-down - a local Ray head with token auth; ray job submit the default job"
 
 # torch goes in first: DeepSpeed's build imports it, so the project installs without build isolation.
 $(STAMP): pyproject.toml requirements.lock
@@ -61,3 +62,30 @@ bench-serve: $(STAMP)  ## HTTP load: Serve with/without batching vs FastAPI+torc
 
 bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial overhead (~8 min)
 	$(PY) benchmarks/tune_efficiency.py
+
+# A local Ray head like a cluster's: token authentication on (Ray 2.60's `ray start --head` default,
+# made explicit), everything on 127.0.0.1, started from the venv so jobs run its python. Then
+# `ray job submit --working-dir .` uploads the repo (cluster_configs/runtime_env.yaml excludes .venv,
+# data and outputs) and waits for the default training job. Its runs go to SUBMIT_STORAGE, an
+# absolute path: the job runs in an unpacked copy of the working dir. `cluster-down` is `ray stop`,
+# which stops every Ray process of this user on this machine.
+RAY_PORT ?= 6379
+DASHBOARD_PORT ?= 8265
+SUBMIT_STORAGE ?= $(CURDIR)/runs/cluster
+SUBMISSION_ID ?= rayfoundry-train-$(shell date +%Y%m%d-%H%M%S)
+DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
+
+cluster-up: $(STAMP)  ## local head: 2 CPUs, dashboard 127.0.0.1:$(DASHBOARD_PORT), token auth on
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token $(VENV)/bin/ray start --head --num-cpus 2 \
+	    --node-ip-address 127.0.0.1 --port $(RAY_PORT) --dashboard-host 127.0.0.1 --dashboard-port $(DASHBOARD_PORT) \
+	    --disable-usage-stats
+	@echo "token: ~/.ray/auth_token; clients: RAY_AUTH_MODE=token ... --address $(DASHBOARD)"
+
+submit-train: $(STAMP)  ## ray job submit the default training job to the local head and wait for it
+	RAY_AUTH_MODE=token $(VENV)/bin/ray job submit --address $(DASHBOARD) --submission-id $(SUBMISSION_ID) \
+	    --working-dir . --runtime-env cluster_configs/runtime_env.yaml \
+	    -- python -m ray_apps train --config $(CONFIG) --set run.storage_path=$(SUBMIT_STORAGE)
+	RAY_AUTH_MODE=token $(VENV)/bin/ray job status --address $(DASHBOARD) $(SUBMISSION_ID) 2>&1 | grep "Job '$(SUBMISSION_ID)' succeeded"
+
+cluster-down:  ## stop the local head (ray stop: every Ray process of this user here)
+	$(VENV)/bin/ray stop

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_apps import export, registry, serve, train, tune
+from ray_apps import cluster, export, registry, serve, train, tune
 
-JOBS = {"train": train, "tune": tune, "export": export, "registry": registry, "serve": serve}
+JOBS = {"train": train, "tune": tune, "export": export, "registry": registry, "serve": serve, "cluster": cluster}
 
 
 def main(argv: list[str] | None = None) -> int:

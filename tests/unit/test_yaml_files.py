@@ -60,7 +60,38 @@ def _validate_tune_job(path: Path) -> None:
     load_tune(path)  # the sweep, its base TrainJob and every bound of its search space
 
 
+def _validate_launcher_config(path: Path) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(yaml.safe_load(path.read_text())))  # what `ray up` checks first
+
+
+def _validate_cluster_spec(path: Path) -> None:
+    from ray_apps.manifests import load_spec
+
+    load_spec(path)
+
+
+def _validate_kuberay_manifest(path: Path) -> None:
+    from tests.unit.test_cluster_configs import SCHEMAS, _crd_errors
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("apiVersion") == "ray.io/v1" and SCHEMAS.is_dir():
+            assert _crd_errors(doc) == [], f"{path.name}: {doc['kind']} does not match its KubeRay CRD"
+
+
+def _validate_prometheus_config(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    assert raw["scrape_configs"] and all(c["job_name"] for c in raw["scrape_configs"])
+
+
 VALIDATORS = {  # the first matching prefix wins
+    "cluster_configs/aws-gpu.yaml": _validate_launcher_config,
+    "cluster_configs/gcp-gpu.yaml": _validate_launcher_config,
+    "cluster_configs/onprem.yaml": _validate_launcher_config,
+    "cluster_configs/cluster.yaml": _validate_cluster_spec,
+    "cluster_configs/kuberay/": _validate_kuberay_manifest,
+    "cluster_configs/monitoring/prometheus.yaml": _validate_prometheus_config,
     "ray_apps/configs/tune_": _validate_tune_job,
     "ray_apps/configs/": _validate_train_job,
     "cluster_configs/runtime_env.yaml": _validate_runtime_env,

@@ -1,0 +1,258 @@
+"""KubeRay manifests (RayCluster, RayJob, RayService) built from the cluster spec and a job or Serve config.
+
+    python -m ray_apps cluster render --target rayjob --job ray_apps/configs/digits_cnn.yaml
+
+`ClusterSpec` is the typed form of cluster_configs/cluster.yaml; the builders are pure functions
+returning plain dicts; `dump` writes them as YAML with a header naming the command that rendered
+them. Every failure is a one-line `ConfigError` naming the file and field.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from trainers.config import ConfigError, Section, _describe, load_job, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SPEC = "cluster_configs/cluster.yaml"
+DASHBOARD = REPO / "cluster_configs" / "monitoring" / "rayfoundry-serving.json"
+METRICS_PORT, DASHBOARD_PORT, CLIENT_PORT, SERVE_PORT = 8080, 8265, 10001, 8000
+# The image already holds Ray; DeepSpeed builds against an installed torch, which one pip call cannot
+# order, so ZeRO jobs need an image with DeepSpeed baked in (the digits and MiniLM DDP jobs do not).
+NOT_PIP_INSTALLED = ("ray", "deepspeed")
+# Where a rendered value overrides the loopback default, the line says why.
+COMMENTS = {
+    "dashboard-host: 0.0.0.0": "# pods bind all interfaces so the head Service reaches them; the NetworkPolicy limits who can",
+    "host: 0.0.0.0": "# in a pod, not 127.0.0.1: the Serve Service must reach the proxy; the NetworkPolicy limits who can",
+    "mode: token": "# KubeRay creates a Secret (key auth_token) and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container",
+}
+
+
+class HeadSpec(Section):
+    cpu: str = Field("2", description="CPUs the head pod requests and is limited to (Kubernetes quantity).")
+    memory: str = Field("8Gi", description="Memory the head pod requests and is limited to.")
+
+
+class WorkerSpec(Section):
+    cpu: str = Field("8", description="CPUs per worker pod (Kubernetes quantity).")
+    memory: str = Field("32Gi", description="Memory per worker pod.")
+    gpu: int = Field(1, ge=0, description="NVIDIA GPUs per worker pod; 0 runs workers on the CPU image.")
+    min_replicas: int = Field(0, ge=0, description="Worker pods the autoscaler keeps at least.")
+    max_replicas: int = Field(4, ge=1, description="Worker pods the autoscaler adds at most.")
+    idle_timeout_s: int = Field(300, ge=0, description="An idle worker pod is removed after this many seconds.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkerSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"worker.min_replicas {self.min_replicas} exceeds worker.max_replicas {self.max_replicas}")
+        return self
+
+
+class ClusterSpec(Section):
+    """What the KubeRay manifests need to know about the Kubernetes cluster they run on."""
+
+    name: str = Field("rayfoundry", pattern=r"^[a-z][a-z0-9-]{0,29}$", description="Prefix of every resource name.")
+    namespace: str = Field("rayfoundry", description="Namespace every resource goes in.")
+    ray_version: str = Field(description="Ray version of the images (rayVersion); must match pyproject.toml.")
+    image: str = Field(description="Image of the head and of CPU workers, e.g. rayproject/ray:2.60.0-py311-cpu.")
+    gpu_image: str = Field(description="Image of GPU workers, e.g. rayproject/ray:2.60.0-py311-gpu.")
+    code_uri: str = Field(description="Zip of the repo at the commit to run (https://, s3://, gs://): the "
+                          "runtime_env working_dir every job and Serve app starts in.")
+    storage_path: str = Field(description="Shared storage for run directories (run.storage_path), e.g. s3://bucket/runs.")
+    registry_uri: str = Field(description="Model registry root every Serve replica reads (ServeArgs.registry).")
+    service_account: str = Field("rayfoundry", description="ServiceAccount of the Ray pods (cloud storage access).")
+    operator_namespace: str = Field("kuberay-system", description="Namespace of the KubeRay operator, which "
+                                    "polls the dashboard for job and Serve status.")
+    monitoring_namespace: str = Field("monitoring", description="Namespace of the Prometheus that scrapes port 8080.")
+    head: HeadSpec = HeadSpec()
+    worker: WorkerSpec = WorkerSpec()
+
+    @model_validator(mode="after")
+    def _versions(self) -> ClusterSpec:
+        for field in ("image", "gpu_image"):
+            tag = getattr(self, field).rpartition(":")[2]
+            if not tag.startswith(f"{self.ray_version}-") and tag != self.ray_version:
+                raise ValueError(f"{field} tag '{tag}' is not Ray {self.ray_version} (ray_version)")
+        return self
+
+
+def load_spec(path: str | Path = DEFAULT_SPEC) -> ClusterSpec:
+    try:
+        return ClusterSpec.model_validate(read_yaml(path) or {})
+    except ValidationError as e:
+        raise ConfigError(_describe(e, str(path))) from None
+
+
+def load_serve_config(path: str | Path) -> dict:
+    """A Serve config as Ray Serve and `build_app` would take it; else a one-line ConfigError."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_deployments.config import ServeArgs
+
+    raw = read_yaml(path)
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+        for i, app in enumerate(config.applications):
+            try:
+                ServeArgs.model_validate(app.args)
+            except ValidationError as e:
+                raise ConfigError(_describe(e, f"{path}: applications.{i}.args")) from None
+    except ValidationError as e:
+        raise ConfigError(_describe(e, str(path))) from None
+    return raw
+
+
+def pip_packages() -> list[str]:
+    """pyproject's pins, minus what the image holds or pip cannot build in one call."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if d.split("[")[0].split("=")[0].strip() not in NOT_PIP_INSTALLED]
+
+
+def runtime_env(spec: ClusterSpec) -> dict:
+    """The code and its dependencies, installed per node on first use (cached there after)."""
+    env_vars = read_yaml(REPO / "cluster_configs" / "runtime_env.yaml")["env_vars"]
+    return {"working_dir": spec.code_uri, "pip": {"packages": pip_packages(), "pip_check": False},
+            "env_vars": env_vars}
+
+
+def _labels(spec: ClusterSpec, instance: str) -> dict:
+    return {"app.kubernetes.io/part-of": "rayfoundry", "app.kubernetes.io/instance": instance}
+
+
+def _pod(spec: ClusterSpec, instance: str, role: str, image: str, cpu: str, memory: str, gpu: int) -> dict:
+    limits = {"cpu": cpu, "memory": memory} | ({"nvidia.com/gpu": str(gpu)} if gpu else {})
+    ports = [{"containerPort": METRICS_PORT, "name": "metrics"}]
+    if role == "head":
+        ports = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
+                 {"containerPort": CLIENT_PORT, "name": "client"}, {"containerPort": SERVE_PORT, "name": "serve"}] + ports
+    return {
+        "metadata": {
+            "labels": _labels(spec, instance),
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                            "prometheus.io/path": "/metrics"},
+        },
+        "spec": {
+            "serviceAccountName": spec.service_account,
+            "containers": [{"name": f"ray-{role}", "image": image, "ports": ports,
+                            "resources": {"requests": dict(limits), "limits": limits}}],
+        },
+    }
+
+
+def ray_cluster_spec(spec: ClusterSpec, instance: str) -> dict:
+    w = spec.worker
+    return {
+        "rayVersion": spec.ray_version,
+        "authOptions": {"mode": "token"},
+        "enableInTreeAutoscaling": w.min_replicas < w.max_replicas,
+        "headGroupSpec": {
+            "serviceType": "ClusterIP",
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT),
+                               "num-cpus": "0"},  # drivers and Serve controller only; work goes to workers
+            "template": _pod(spec, instance, "head", spec.image, spec.head.cpu, spec.head.memory, 0),
+        },
+        "workerGroupSpecs": [{
+            "groupName": "gpu-workers" if w.gpu else "cpu-workers",
+            "replicas": w.min_replicas, "minReplicas": w.min_replicas, "maxReplicas": w.max_replicas,
+            "idleTimeoutSeconds": w.idle_timeout_s,
+            "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+            "template": _pod(spec, instance, "worker", spec.gpu_image if w.gpu else spec.image, w.cpu, w.memory, w.gpu),
+        }],
+    }
+
+
+def network_policy(spec: ClusterSpec, instance: str, clients: list[dict] = ()) -> dict:
+    """Ingress to the pods of `instance` only from: each other; same-namespace pods labelled
+    rayfoundry.io/access=true (dashboard, client, Serve); the operator (dashboard); Prometheus (metrics)."""
+    def ports(*numbers: int) -> list[dict]:
+        return [{"protocol": "TCP", "port": n} for n in numbers]
+
+    def namespace(name: str) -> dict:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+    rules = [
+        {"from": [{"podSelector": {"matchLabels": _labels(spec, instance)}}]},
+        {"from": [{"podSelector": {"matchLabels": {"rayfoundry.io/access": "true"}}}, *clients],
+         "ports": ports(DASHBOARD_PORT, CLIENT_PORT, SERVE_PORT)},
+        {"from": [namespace(spec.operator_namespace)], "ports": ports(DASHBOARD_PORT)},
+        {"from": [namespace(spec.monitoring_namespace)], "ports": ports(METRICS_PORT)},
+    ]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{instance}-ingress", "namespace": spec.namespace},
+            "spec": {"podSelector": {"matchLabels": _labels(spec, instance)}, "policyTypes": ["Ingress"],
+                     "ingress": rules}}
+
+
+def _meta(spec: ClusterSpec, name: str) -> dict:
+    return {"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "rayfoundry"}}
+
+
+def raycluster(spec: ClusterSpec) -> list[dict]:
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(spec, spec.name),
+               "spec": ray_cluster_spec(spec, spec.name)}
+    return [cluster, network_policy(spec, spec.name)]
+
+
+def rayjob(spec: ClusterSpec, job_path: str) -> list[dict]:
+    job = load_job(REPO / job_path)  # a bad job config fails here, not an hour later on the cluster
+    name = f"{spec.name}-{job.run.name}".replace("_", "-").lower()
+    entrypoint = f"python -m ray_apps train --config {job_path} --set run.storage_path={spec.storage_path}"
+    body = {
+        "entrypoint": entrypoint,
+        "runtimeEnvYAML": yaml.safe_dump(runtime_env(spec), sort_keys=False),
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 600,
+        "backoffLimit": 0,
+        "rayClusterSpec": ray_cluster_spec(spec, name),
+    }
+    # The submitter is a Kubernetes Job named after the RayJob; it reaches the dashboard to submit.
+    submitter = {"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": name}}}
+    return [{"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _meta(spec, name), "spec": body},
+            network_policy(spec, name, [submitter])]
+
+
+def rayservice(spec: ClusterSpec, serve_path: str) -> list[dict]:
+    serve = load_serve_config(REPO / serve_path)
+    serve["http_options"] = serve.get("http_options", {}) | {"host": "0.0.0.0"}
+    for app in serve["applications"]:
+        app["args"] = app["args"] | {"registry": spec.registry_uri}
+        app["runtime_env"] = runtime_env(spec)
+    name = f"{spec.name}-serve-{Path(serve_path).stem}".replace("_", "-").lower()
+    meta = _meta(spec, name)
+    meta["annotations"] = {"rayfoundry.io/grafana-dashboard": f"{spec.name}-grafana-dashboard"}
+    service = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": meta, "spec": {
+        "serveConfigV2": yaml.safe_dump(serve, sort_keys=False),
+        "rayClusterConfig": ray_cluster_spec(spec, name),
+    }}
+    return [service, network_policy(spec, name), grafana_dashboard(spec)]
+
+
+def grafana_dashboard(spec: ClusterSpec) -> dict:
+    """The serving dashboard as a ConfigMap the Grafana sidecar picks up by its label."""
+    text = json.dumps(json.loads(DASHBOARD.read_text()), indent=2) + "\n"
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": f"{spec.name}-grafana-dashboard", "namespace": spec.namespace,
+                         "labels": {"grafana_dashboard": "1", "app.kubernetes.io/part-of": "rayfoundry"}},
+            "data": {DASHBOARD.name: text}}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (runtimeEnvYAML, serveConfigV2, the dashboard) as readable `|` blocks."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def dump(docs: list[dict], header: str) -> str:
+    lines = []
+    for line in yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=110).splitlines():
+        comment = COMMENTS.get(line.strip())
+        lines.append(f"{line}  {comment}" if comment else line)
+    return header + "\n".join(lines) + "\n"
