@@ -180,7 +180,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         "epochs_completed": metrics.get("epoch"), "global_step": metrics.get("global_step"),
         "final_metrics": metrics, "best_metrics": best_metrics, "best_checkpoint": best_ckpt,
         "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "use_gpu": bool(use_gpu), "num_workers": world,
+        "use_gpu": bool(use_gpu), "num_workers": world, "init_checkpoint": init_checkpoint,
         "labels": data.labels, "train_rows": data.train_rows, "val_rows": data.val_rows,
         "skipped_rows": data.skipped_rows, "wall_seconds": round(time.time() - started, 2),
         "samples_per_s": metrics.get("train_samples_per_s"),

@@ -88,7 +88,8 @@ class TuneJob(Section):
     reserve_cpus: float = Field(1.0, ge=0, description="CPUs left free for Ray Data and the trial drivers when "
                                 "deriving how many trials fit at once.")
     max_failures: int = Field(1, ge=0, description="Times an errored trial is retried from its last checkpoint.")
-    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints Tune keeps per trial (best by metric).")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints Tune keeps per trial (best by metric); "
+                                  "PBT keeps all, since it clones them.")
     run: RunSection = RunSection()
 
     @property

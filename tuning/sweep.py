@@ -131,7 +131,11 @@ def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool):
         run_config=tune.RunConfig(
             name=spec.run.name, storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints,
+            # PBT keeps every checkpoint: its exploit re-registers the donor's latest one, and Tune's
+            # pruning then tries to delete an already deleted directory, fails the save, and the
+            # exploit is skipped (seen on this machine with num_to_keep=3).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if isinstance(spec.scheduler, PBT)
+                                                    else spec.keep_checkpoints,
                                                     checkpoint_score_attribute=spec.metric,
                                                     checkpoint_score_order=spec.resolved_mode),
             callbacks=[ProgressLines(spec.metric, epochs)]),
@@ -225,11 +229,13 @@ def summarize(loaded: LoadedTune, results, path: str) -> dict[str, Any]:
     sign = 1 if spec.resolved_mode == "max" else -1
     rows, best = [], None
     for result in results:
-        # The trial's own reports: after a PBT exploit, Tune's "last result" is the donor's.
+        # The trial's own reports: after a PBT exploit, Tune's "last result" is the donor's (a clone of
+        # the donor's last epoch may have had nothing left to train, yet it did reach that epoch).
         history = result.metrics_dataframe
         own = history is not None and not history.empty
         scores = history[spec.metric].dropna().tolist() if own and spec.metric in history else []
-        ran = int(history["epoch"].max()) if own and "epoch" in history else 0
+        ran = max(int(history["epoch"].max()) if own and "epoch" in history else 0,
+                  int((result.metrics or {}).get("epoch") or 0))
         row = {"trial": history["trial_id"].iloc[-1] if own else Path(result.path).name,
                "config": {k: result.config.get(k) for k in spec.space},
                spec.metric: (max(scores, key=lambda v: sign * v) if scores else None),

@@ -118,10 +118,10 @@ def test_pbt_continues_a_weak_trial_from_a_strong_trials_checkpoint(ray_cluster,
     rows = {Path(r["path"]).name: r for r in summary["leaderboard"]}
     cloned = []
     for name, row in rows.items():
-        for line in (Path(row["path"]) / "result.json").read_text().splitlines():
-            source = json.loads(line).get("resumed_from") or ""
-            donors = [other for other in rows if other != name and f"/{other}/checkpoint_" in source]
-            cloned += [(name, donors[0])] if donors else []
+        # Each Train run that ended records what it started from (one Tune stopped has no result.json).
+        for run in [r for r in _train_runs(Path(row["path"])) if (r / "result.json").is_file()]:
+            source = json.loads((run / "result.json").read_text())["init_checkpoint"] or ""
+            cloned += [(name, other) for other in rows if other != name and f"/{other}/checkpoint_" in source]
     # At least one exploit: a trial's Train run started from another trial's Tune checkpoint, which is
     # a copy of our checkpoint directory (safetensors + checksums), not a pickle.
     assert cloned, summary["leaderboard"]
