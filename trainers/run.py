@@ -55,10 +55,14 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_dir(job: TrainJob) -> str:
-    storage = job.run.storage_path
-    base = storage if "://" in storage else os.path.abspath(storage)
-    return f"{base.rstrip('/')}/{job.run.name}"
+def storage_root(storage_path: str) -> str:
+    """A run section's storage_path as Ray takes it: URIs as they are, local paths made absolute."""
+    return storage_path if "://" in storage_path else os.path.abspath(storage_path)
+
+
+def run_dir(job) -> str:
+    """<storage>/<name> of a job's `run` section (a TrainJob's, or a sweep's)."""
+    return f"{storage_root(job.run.storage_path).rstrip('/')}/{job.run.name}"
 
 
 def _fs(uri: str):
@@ -68,14 +72,14 @@ def _fs(uri: str):
     return pafs.FileSystem.from_uri(uri)
 
 
-def _write_text(uri: str, text: str) -> None:
+def write_text(uri: str, text: str) -> None:
     fs, path = _fs(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
 
 
-def _read_result(uri: str) -> dict | None:
+def read_json(uri: str) -> Any:
     import pyarrow.fs as pafs
 
     fs, path = _fs(uri)
@@ -85,7 +89,7 @@ def _read_result(uri: str) -> dict | None:
         return json.loads(f.read().decode())
 
 
-def _delete_run(uri: str) -> bool:
+def delete_dir(uri: str) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = _fs(uri)
@@ -113,9 +117,9 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     check_local_paths(job.data)  # a bad path is an error even for a run that already finished
     out_dir = run_dir(job)
     result_path = f"{out_dir}/result.json"
-    if restart and not dry_run and _delete_run(out_dir):
+    if restart and not dry_run and delete_dir(out_dir):
         log(f"--restart: removed {out_dir}")
-    previous = None if dry_run else _read_result(result_path)
+    previous = None if dry_run else read_json(result_path)
     if previous and previous["epochs_completed"] >= job.run.epochs:
         log(f"{job.run.name} already finished {previous['epochs_completed']} epochs; "
             f"--restart trains again, --set run.epochs=N continues")
@@ -154,8 +158,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         scaling_config=ray.train.ScalingConfig(
             num_workers=0 if dry_run else world, use_gpu=bool(use_gpu), resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=job.run.name, storage_path=job.run.storage_path if "://" in job.run.storage_path
-            else os.path.abspath(job.run.storage_path),
+            name=job.run.name, storage_path=storage_root(job.run.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=job.checkpoint.keep, checkpoint_score_attribute=job.checkpoint.metric,
                 checkpoint_score_order=job.checkpoint.resolved_mode),
@@ -185,7 +188,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         "skipped_rows": data.skipped_rows, "wall_seconds": round(time.time() - started, 2),
         "samples_per_s": metrics.get("train_samples_per_s"),
     }
-    _write_text(result_path, json.dumps(summary, indent=2))
+    write_text(result_path, json.dumps(summary, indent=2))
     return summary
 
 

@@ -180,8 +180,9 @@ def job_for(raw: dict[str, Any], values: dict[str, Any], source: str) -> TrainJo
     return parse_job(raw, source)
 
 
-def check_space(spec: TuneJob, raw: dict[str, Any], source: str) -> None:
-    """Every dotted field exists in the base job and every bound or choice makes a valid TrainJob."""
+def check_space(spec: TuneJob, raw: dict[str, Any], source: str) -> TrainJob:
+    """Every dotted field exists in the base job and every bound or choice makes a valid TrainJob;
+    returns the trial base's TrainJob."""
     job = job_for(raw, {}, source)
     for field, domain in spec.space.items():
         if not _field_exists(job, field):
@@ -197,13 +198,16 @@ def check_space(spec: TuneJob, raw: dict[str, Any], source: str) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{source}: space.{field}: the value {value!r} makes an invalid job: "
                                   f"{str(e).split(': ', 1)[-1]}") from None
+    return job
 
 
 class LoadedTune:
-    """A validated sweep: the spec, the trial base (as a raw dict) and where it came from."""
+    """A validated sweep: the spec, the trial base (as a raw dict, and as the TrainJob it makes before
+    sampled values) and where it came from."""
 
-    def __init__(self, spec: TuneJob, trial_base: dict[str, Any], source: str, base_path: Path):
-        self.spec, self.trial_base, self.source, self.base_path = spec, trial_base, source, base_path
+    def __init__(self, spec: TuneJob, trial_base: dict[str, Any], base_job: TrainJob, source: str, base_path: Path):
+        self.spec, self.trial_base, self.base_job = spec, trial_base, base_job
+        self.source, self.base_path = source, base_path
 
     def fingerprint(self) -> str:
         """What must not change between a sweep and its resumption."""
@@ -232,7 +236,7 @@ def load_tune(path: str | Path, overrides: list[str] = ()) -> LoadedTune:
     base_raw = read_yaml(base_path) or {}
     raw_trial = trial_raw(spec, base_raw)
     source = f"{path} (base {base_path.name})"
-    check_space(spec, raw_trial, source)
+    base_job = check_space(spec, raw_trial, source)
     if spec.run.name is None:
         spec.run.name = path.stem
-    return LoadedTune(spec, raw_trial, source, base_path)
+    return LoadedTune(spec, raw_trial, base_job, source, base_path)

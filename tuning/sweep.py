@@ -27,6 +27,7 @@ import yaml
 from ray.tune import Callback
 
 from trainers.config import TrainJob
+from trainers.run import delete_dir, read_json, run_dir, storage_root, write_text
 from tuning.config import ASHA, PBT, LoadedTune, TuneJob, job_for
 
 DRIVER_CPU = 0.01  # Tune rejects 0; a whole CPU per driver starves the trials' own workers on small nodes
@@ -104,8 +105,6 @@ def build_search(spec: TuneJob, at_once: int):
 
 
 def experiment_path(spec: TuneJob) -> str:
-    from trainers.run import run_dir
-
     return run_dir(spec)  # the same storage_path/name rule as a training run
 
 
@@ -115,21 +114,19 @@ def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool):
     from tuning.trial import run_trial
 
     spec = loaded.spec
-    epochs = job_for(loaded.trial_base, {}, loaded.source).run.epochs
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trial_base=loaded.trial_base, source=loaded.source), {"cpu": DRIVER_CPU})
     path = experiment_path(spec)
     if restore:  # unfinished trials continue from their last checkpoint; errored ones are retried from theirs
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    storage = spec.run.storage_path if "://" in spec.run.storage_path else os.path.abspath(spec.run.storage_path)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.resolved_mode, num_samples=spec.num_samples,
-            scheduler=build_scheduler(spec, epochs), search_alg=build_search(spec, at_once)),
+            scheduler=build_scheduler(spec, loaded.base_job.run.epochs), search_alg=build_search(spec, at_once)),
         run_config=tune.RunConfig(
-            name=spec.run.name, storage_path=storage, verbose=0,
+            name=spec.run.name, storage_path=storage_root(spec.run.storage_path), verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # PBT keeps every checkpoint: its exploit re-registers the donor's latest one, and Tune's
             # pruning then tries to delete an already deleted directory, fails the save, and the
@@ -138,7 +135,7 @@ def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool):
                                                     else spec.keep_checkpoints,
                                                     checkpoint_score_attribute=spec.metric,
                                                     checkpoint_score_order=spec.resolved_mode),
-            callbacks=[ProgressLines(spec.metric, epochs)]),
+            callbacks=[ProgressLines(spec.metric, loaded.base_job.run.epochs)]),
     )
 
 
@@ -163,7 +160,6 @@ class ProgressLines(Callback):
 
 def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[str, Any]:
     """Run the sweep, or resume it when its directory holds an unfinished one; returns the summary."""
-    import pyarrow.fs as pafs
     import ray
     from ray import tune
 
@@ -177,25 +173,20 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     spec = loaded.spec
     path = experiment_path(spec)
-    fs, fs_path = pafs.FileSystem.from_uri(path)
-    if restart and fs.get_file_info(fs_path).type != pafs.FileType.NotFound:
-        fs.delete_dir(fs_path)
+    if restart and delete_dir(path):
         log(f"--restart: removed {path}")
     connect_ray()
     resumed = tune.Tuner.can_restore(path)
     if resumed:
-        stored = _read_json(fs, f"{fs_path}/{SPEC_FILE}")
+        stored = read_json(f"{path}/{SPEC_FILE}")
         if stored is not None and stored != json.loads(loaded.fingerprint()):
             raise SweepError(f"{path} holds a sweep started from another config; re-run with --restart to discard it, "
                              f"or set run.name to start a new sweep beside it")
         at_once, why = None, "as when the sweep started"
         log(f"resuming {path}: finished trials are kept, unfinished ones continue from their last checkpoint")
     else:
-        scaling = job_for(loaded.trial_base, {}, loaded.source).scaling
-        at_once, why = concurrency(spec, scaling, ray.cluster_resources())
-        fs.create_dir(fs_path, recursive=True)
-        with fs.open_output_stream(f"{fs_path}/{SPEC_FILE}") as f:
-            f.write(loaded.fingerprint().encode())
+        at_once, why = concurrency(spec, loaded.base_job.scaling, ray.cluster_resources())
+        write_text(f"{path}/{SPEC_FILE}", loaded.fingerprint())
         log(f"sweep {spec.run.name}: {spec.num_samples} trials, {spec.scheduler.type} + {spec.search.type} search "
             f"on {spec.metric} ({spec.resolved_mode}); {why}\n  storage: {path}")
     started = time.time()
@@ -204,28 +195,16 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
     summary |= {"resumed": resumed, "concurrency": why, "wall_seconds": round(time.time() - started, 1)}
     best = summary["best"]
     if best:
-        best_yaml = f"{path}/best_train.yaml"
-        with fs.open_output_stream(f"{fs_path}/best_train.yaml") as f:
-            f.write(best_train_yaml(loaded, best["config"], best_yaml).encode())
-        best["yaml"] = best_yaml
-    with fs.open_output_stream(f"{fs_path}/leaderboard.json") as f:
-        f.write(json.dumps(summary, indent=2, default=str).encode())
+        best["yaml"] = f"{path}/best_train.yaml"
+        write_text(best["yaml"], best_train_yaml(loaded, best["config"], best["yaml"]))
+    write_text(f"{path}/leaderboard.json", json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def _read_json(fs, path: str) -> Any:
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
 
 
 def summarize(loaded: LoadedTune, results, path: str) -> dict[str, Any]:
     """Leaderboard rows (best first) and the best checkpoint over every trial and epoch."""
     spec = loaded.spec
-    epochs = job_for(loaded.trial_base, {}, loaded.source).run.epochs
+    epochs = loaded.base_job.run.epochs
     sign = 1 if spec.resolved_mode == "max" else -1
     rows, best = [], None
     for result in results:
