@@ -81,12 +81,12 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--seqs", default="64,128")
     args = p.parse_args()
-    from trainers.run import quiet_libraries
+    from rayfoundry.ray_env import quiet_process
 
-    quiet_libraries()
+    quiet_process()
+    from model_registry.predictor import Predictor, score
+    from model_registry.validation import load_validation
     from trainers.config import parse_job
-    from trainers.package import Predictor, score
-    from trainers.validation import load_validation
 
     ckpt = checkpoint_or_train(args.checkpoint)
     pkg = bench_package(ckpt, args.registry)

@@ -57,7 +57,7 @@ async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: flo
                         statuses[r.status] += 1
                         if r.status == 200:
                             latencies.append(time.perf_counter() - began)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     statuses["connection"] += 1
                 i += concurrency
 
@@ -109,8 +109,8 @@ def serve_arms(pkg_ref: str, args, texts_file: str, levels: list[int]) -> tuple[
     import requests
     from ray import serve
 
+    from rayfoundry.ray_env import quiet_env
     from serve_deployments.app import build_app
-    from trainers.run import quiet_env
 
     ray.init(num_cpus=2, logging_level="ERROR", runtime_env={"env_vars": quiet_env()})  # state API needs the dashboard
     port = free_port()
@@ -134,7 +134,8 @@ def serve_arms(pkg_ref: str, args, texts_file: str, levels: list[int]) -> tuple[
             results[arm][c] = run_load(url, texts_file, c, args.seconds)
             s1 = requests.get(stats_url, timeout=30).json()["model_stats"][0]
             used = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
-            results[arm][c]["mean_batch"] = (s1["inference_count"] - s0["inference_count"]) / max(1, s1["execution_count"] - s0["execution_count"])
+            calls = max(1, s1["execution_count"] - s0["execution_count"])
+            results[arm][c]["mean_batch"] = (s1["inference_count"] - s0["inference_count"]) / calls
             if batch > 1 and c == 32:
                 breakdown = {"seconds": args.seconds, "cpu_seconds": used | {"load generator": results[arm][c]["loadgen_cpu_s"]},
                              "model_replica_wall": {"tokenizer": s1["encode_seconds"] - s0["encode_seconds"],
@@ -175,7 +176,7 @@ def handwritten_arm(pkg_path: Path, texts_file: str, args, levels: list[int]) ->
 
 
 def offline_arm(pkg, texts: list[str], args) -> float:
-    from trainers.package import Predictor
+    from model_registry.predictor import Predictor
 
     predictor = Predictor(pkg, args.engine, "cpu", intra_op_threads=args.threads)
     batches = [texts[i:i + 32] for i in range(0, len(texts) - 31, 32)]
@@ -206,16 +207,17 @@ def main() -> None:
         texts = json.loads(Path(args.texts).read_text())
         print(json.dumps(asyncio.run(closed_loop(args.loadgen, texts, int(args.concurrency), args.seconds))))
         return
-    from trainers.run import quiet_libraries
-    from trainers.validation import read_rows
+    from model_registry.validation import read_rows
+    from rayfoundry.ray_env import quiet_process
 
-    quiet_libraries()
+    quiet_process()
     levels = [int(c) for c in args.concurrency.split(",")]
     pkg = bench_package(checkpoint_or_train(args.checkpoint), args.registry)
     from trainers.config import parse_job
 
     job = parse_job(pkg.metadata["training"]["config"])
-    texts = [t for t in read_rows(job.data.validation_path or job.data.train_path, job).column(job.data.text_column).to_pylist() if t]
+    rows = read_rows(job.data.validation_path or job.data.train_path, job)
+    texts = [t for t in rows.column(job.data.text_column).to_pylist() if t]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(texts, f)
     print(f"package {pkg.ref} ({args.engine}), {len(texts)} SST-2 sentences, {args.seconds:g}s per level", flush=True)
@@ -228,7 +230,8 @@ def main() -> None:
     a, b, c = results["(a) Serve, batching"], results["(b) Serve, no batching"], results["(c) FastAPI + torch eager"]
     print(f"\nSST-2 MiniLM-L6 ({pkg.ref}, engine {args.engine}), {os.cpu_count()} cores, {args.seconds:g}s per level; "
           f"(d) offline {offline:.1f} seq/s\n")
-    print("| concurrency | arm | QPS | p50 ms | p99 ms | errors | mean batch |\n| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| concurrency | arm | QPS | p50 ms | p99 ms | errors | mean batch |\n"
+          "| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for lvl in levels:
         for arm, r in results.items():
             x = r[lvl]
@@ -236,7 +239,8 @@ def main() -> None:
                   f"{x.get('mean_batch', 1.0):.1f} |")
     print("\n| concurrency | a/b | a/c | a/d |\n| ---: | ---: | ---: | ---: |")
     for lvl in levels:
-        print(f"| {lvl} | {a[lvl]['qps'] / b[lvl]['qps']:.2f} | {a[lvl]['qps'] / c[lvl]['qps']:.2f} | {a[lvl]['qps'] / offline:.2f} |")
+        qps = a[lvl]["qps"]
+        print(f"| {lvl} | {qps / b[lvl]['qps']:.2f} | {qps / c[lvl]['qps']:.2f} | {qps / offline:.2f} |")
     if breakdown:
         secs = breakdown["seconds"]
         print(f"\nCPU during (a) at concurrency 32 (cores busy = CPU seconds / {secs:g}s):\n")

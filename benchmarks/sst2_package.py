@@ -24,8 +24,8 @@ def checkpoint_or_train(path: Path) -> Path:
 
 def bench_package(ckpt: Path, registry: str):
     """The package exported from `ckpt` with int8, reused from an earlier run when there is one."""
-    from trainers.export import ExportJob, export, resolve_checkpoint
-    from trainers.registry import Registry
+    from model_registry.export import ExportJob, export, resolve_checkpoint
+    from model_registry.registry import Registry
 
     reg, source = Registry(registry), str(resolve_checkpoint(str(ckpt))[0].resolve())
     for version in reversed(reg.versions("sst2-bench")):

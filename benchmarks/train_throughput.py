@@ -192,7 +192,7 @@ def main() -> None:
             "(b) torchrun DDP, 2 x 1 thread": run_torchrun(args)}
     import ray
 
-    from trainers.run import quiet_env
+    from rayfoundry.ray_env import quiet_env
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": quiet_env() | {"OMP_NUM_THREADS": "1"}})

@@ -101,9 +101,9 @@ def main() -> None:
     p.add_argument("--noop", type=int, default=6, help="no-op trials per overhead measurement")
     args = p.parse_args()
 
-    from trainers.run import connect_ray, quiet_libraries
+    from rayfoundry.ray_env import connect_ray, quiet_process
 
-    quiet_libraries()
+    quiet_process()
     connect_ray()
     with tempfile.TemporaryDirectory() as tmp:
         storage = Path(tmp)

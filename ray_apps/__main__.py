@@ -6,7 +6,8 @@
     python -m ray_apps registry list
     python -m ray_apps serve --model digits@champion
 
-Each job lives in its own module here; this file only maps job names to them.
+Each job lives in its own module here; this file maps job names to them and turns every
+`RayfoundryError` (also one that Ray wrapped around a worker's) into one line and its exit code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import sys
 
 from ray_apps import cluster, export, registry, serve, train, tune
+from rayfoundry.errors import RayfoundryError
+from rayfoundry.ray_env import find_cause, quiet_process
 
 JOBS = {"train": train, "tune": tune, "export": export, "registry": registry, "serve": serve, "cluster": cluster}
 
@@ -29,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     for module in JOBS.values():
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    return JOBS[args.job].run(args)
+    quiet_process()
+    try:
+        return JOBS[args.job].run(args)
+    except Exception as e:  # our errors, raised here or inside a Ray worker (then wrapped by Ray)
+        cause = find_cause(e, RayfoundryError)
+        if cause is None:
+            raise
+        print(f"{cause.prefix}: {cause}", file=sys.stderr)
+        return cause.exit_code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Exit codes: 0 written, 2 bad target, spec or job config (one line names the faul
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 TARGETS = ("raycluster", "rayjob", "rayservice")
@@ -61,7 +60,7 @@ def _repo_relative(path: str, repo: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ray_apps import manifests
-    from trainers.config import ConfigError
+    from rayfoundry.errors import ConfigError
 
     try:
         if args.target not in TARGETS:
@@ -76,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
             docs = manifests.rayjob(spec, job)
         else:
             docs = manifests.rayservice(spec, job)
-    except (ValueError, ConfigError) as e:  # ConfigError is a ValueError; both are one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad --target/--job/--spec; the spec's own errors are ConfigErrors already
+        raise ConfigError(str(e)) from None
     name = args.target + (f"-{Path(job).stem}" if job and args.target != "raycluster" else "")
     default_out = f"{OUT_DIR}/{name}.yaml"
     command = f"python -m ray_apps cluster render --target {args.target}"

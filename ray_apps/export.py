@@ -10,10 +10,8 @@ corrupt checkpoint; one line says why); 3 published, but the promotion gate refu
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from pathlib import Path
+
+from ray_apps.options import add_json_out, add_registry, write_json_out
 
 EPILOG = """--checkpoint takes a checkpoint directory (runs/NAME/epoch_0005) or a run directory (runs/NAME),
 which means the best checkpoint its result.json names. The package gets the next version number;
@@ -27,8 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, or run dir (its best checkpoint)")
     p.add_argument("--name", required=True, help="model name in the registry, e.g. sst2")
-    p.add_argument("--registry", default=os.environ.get("RAYFOUNDRY_REGISTRY", "registry"),
-                   help="registry root: path or URI (default $RAYFOUNDRY_REGISTRY or ./registry)")
+    add_registry(p)
     p.add_argument("--quantize", choices=["none", "int8"], help="int8: also ship model.int8.onnx (default none)")
     p.add_argument("--max-int8-drop", type=float,
                    help="refuse int8 when validation accuracy drops more than this (default 0.01 = 1 point)")
@@ -38,45 +35,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--promote", metavar="ALIAS", help="then point ALIAS (e.g. champion) at the new version")
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="promotion gate tolerance on the validation metric (default 0.005)")
-    p.add_argument("--json-out", type=Path, metavar="PATH", help="also write the package metadata to PATH")
+    add_json_out(p, "the package metadata")
 
 
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from trainers.checkpoint import CheckpointError
-    from trainers.config import ConfigError
-    from trainers.data import DataError
-    from trainers.export import ExportError, ExportJob, export
-    from trainers.package import PackageError
-    from trainers.registry import GateRefused, Registry, RegistryError
-    from trainers.run import quiet_libraries
+    from model_registry.export import ExportJob, export
+    from model_registry.registry import Registry
+    from rayfoundry.errors import ConfigError, describe_validation_error
 
-    quiet_libraries()
+    # Unset options take ExportJob's defaults, so each default is written once.
+    given = {k: getattr(args, k) for k in ("quantize", "max_int8_drop", "parity_rows", "parity_tolerance", "device")
+             if getattr(args, k) is not None}
     try:
-        # Unset options take ExportJob's defaults, so each default is written once.
-        given = {k: getattr(args, k) for k in ("quantize", "max_int8_drop", "parity_rows", "parity_tolerance", "device")
-                 if getattr(args, k) is not None}
         spec = ExportJob(checkpoint=args.checkpoint, name=args.name, registry=args.registry, **given)
-        meta = export(spec)
     except ValidationError as e:
-        err = e.errors()[0]
-        print(f"error: --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}", file=sys.stderr)
-        return 2
-    except (ExportError, CheckpointError, ConfigError, DataError, PackageError, RegistryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(meta, indent=2))
-    ref = f"{meta['name']}:{meta['version']}"
-    print(f"done: {ref} in {args.registry}  ({', '.join(meta['files'])})")
+        raise ConfigError(describe_validation_error(e, as_flags=True)) from None
+    meta = export(spec)
+    write_json_out(args.json_out, meta)
+    print(f"done: {meta.ref} in {args.registry}  ({', '.join(meta.files)})")
     if args.promote:
-        try:
-            event = Registry(args.registry).promote(ref, args.promote, tolerance=args.tolerance)
-        except GateRefused as e:
-            print(f"not promoted: {e}", file=sys.stderr)
-            return 3
-        gate = f"; gate: {event['gate']['summary']}" if event["gate"] else ""
-        print(f"promoted: {ref} is now {meta['name']}@{args.promote}{gate}")
+        event = Registry(args.registry).promote(meta.ref, args.promote, tolerance=args.tolerance)
+        gate = f"; gate: {event.gate.summary}" if event.gate else ""
+        print(f"promoted: {meta.ref} is now {meta.name}@{args.promote}{gate}")
     return 0

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from trainers.config import ConfigError, Section, _describe, load_job, read_yaml
+from rayfoundry.errors import describe_validation_error
+from trainers.config import ConfigError, Section, load_job, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = "cluster_configs/cluster.yaml"
@@ -85,7 +86,7 @@ def load_spec(path: str | Path = DEFAULT_SPEC) -> ClusterSpec:
     try:
         return ClusterSpec.model_validate(read_yaml(path) or {})
     except ValidationError as e:
-        raise ConfigError(_describe(e, str(path))) from None
+        raise ConfigError(describe_validation_error(e, str(path))) from None
 
 
 def load_serve_config(path: str | Path) -> dict:
@@ -101,9 +102,9 @@ def load_serve_config(path: str | Path) -> dict:
             try:
                 ServeArgs.model_validate(app.args)
             except ValidationError as e:
-                raise ConfigError(_describe(e, f"{path}: applications.{i}.args")) from None
+                raise ConfigError(describe_validation_error(e, f"{path}: applications.{i}.args")) from None
     except ValidationError as e:
-        raise ConfigError(_describe(e, str(path))) from None
+        raise ConfigError(describe_validation_error(e, str(path))) from None
     return raw
 
 

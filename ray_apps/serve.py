@@ -6,7 +6,8 @@
 
 Starts Serve on 127.0.0.1 (--host to change), deploys serve_deployments.app:build_app, sends two
 validation rows of each model through /v1 and the V2 protocol, prints the answers and the curl
-commands that ask the same, then serves until Ctrl-C. Exit codes: 0 ok, 2 bad arguments or models.
+commands that ask the same, then serves until Ctrl-C. The samples are the few validation instances
+each package carries, so serving never reads training data. Exit codes: 0 ok, 2 bad arguments or models.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import time
+
+from ray_apps.options import add_registry
 
 EPILOG = """The same application deploys declaratively: cluster_configs/serve/digits.yaml
 (`serve deploy`). Endpoints: POST /v1/models/NAME:predict {"instances": [...]}; GET /v2/health/ready;
@@ -29,27 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", dest="models", action="append", required=True, metavar="REF",
                    help="NAME, NAME:VERSION or NAME@ALIAS (repeatable)")
-    p.add_argument("--registry", default=os.environ.get("RAYFOUNDRY_REGISTRY", "registry"),
-                   help="registry root (default $RAYFOUNDRY_REGISTRY or ./registry)")
+    add_registry(p)
     p.add_argument("--engine", choices=["onnx", "onnx-int8", "torch"], default="onnx")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica (default 1)")
     p.add_argument("--no-wait", action="store_true", default=os.environ.get("NO_WAIT") == "1",
                    help="exit after the sample requests (also NO_WAIT=1)")
-
-
-def _samples(package) -> list:
-    """Two validation instances of the package's training data."""
-    from trainers.config import parse_job
-    from trainers.validation import load_validation, read_rows
-
-    job = parse_job(package.metadata["training"]["config"])
-    if package.inputs["kind"] == "text":
-        rows = read_rows(job.data.validation_path or job.data.train_path, job)
-        return [t for t in rows.column(job.data.text_column).to_pylist() if t][:2]
-    rows = load_validation(job, package.labels).features[:2].tolist()
-    return [[int(x) if float(x).is_integer() else x for x in row] for row in rows]  # short curl lines
 
 
 def _show(method: str, url: str, body: dict | None) -> None:
@@ -62,26 +50,14 @@ def _show(method: str, url: str, body: dict | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from model_registry.registry import Registry
+    from rayfoundry.ray_env import connect_ray
+    from serve_deployments.app import build_app
 
-    from trainers.package import PackageError
-    from trainers.registry import Registry, RegistryError
-    from trainers.run import connect_ray, quiet_libraries
-
-    quiet_libraries()
-    try:
-        registry = Registry(args.registry)
-        packages = [registry.open(ref) for ref in args.models]  # fail here, before Ray, on a bad ref or file
-        from serve_deployments.app import build_app
-
-        app = build_app({"registry": args.registry, "models": args.models, "engine": args.engine,
-                         "num_cpus": args.num_cpus})
-    except (RegistryError, PackageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValidationError as e:
-        print(f"error: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}", file=sys.stderr)
-        return 2
+    registry = Registry(args.registry)
+    packages = [registry.open(ref) for ref in args.models]  # fail here, before Ray, on a bad ref or file
+    app = build_app({"registry": args.registry, "models": args.models, "engine": args.engine,
+                     "num_cpus": args.num_cpus})
     from ray import serve
 
     connect_ray()
@@ -91,9 +67,13 @@ def run(args: argparse.Namespace) -> int:
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"serving {', '.join(p.ref for p in packages)} at {base} (engine {args.engine})")
     for pkg in packages:
-        name, samples = pkg.metadata["name"], _samples(pkg)
+        name, samples = pkg.metadata.name, pkg.metadata.samples
+        if not samples:  # packages exported before they carried samples
+            print(f"\n{name}: this package carries no sample inputs; POST {base}/v1/models/{name}:predict "
+                  '{"instances": [...]}')
+            continue
         _show("POST", f"{base}/v1/models/{name}:predict", {"instances": samples})
-        datatype = "BYTES" if pkg.inputs["kind"] == "text" else "FP32"
+        datatype = "BYTES" if pkg.inputs.kind == "text" else "FP32"
         shape = [len(samples)] if datatype == "BYTES" else [len(samples), len(samples[0])]
         data = samples if datatype == "BYTES" else [x for row in samples for x in row]
         _show("POST", f"{base}/v2/models/{name}/infer",

@@ -4,15 +4,15 @@
     python -m ray_apps train --config ray_apps/configs/sst2_minilm.yaml --set optim.lr=3e-5 --dry-run
     ray job submit --working-dir . -- python -m ray_apps train --config ray_apps/configs/digits_cnn.yaml
 
-Exit codes: 0 finished, 1 training failed, 2 bad config or data (one line names the fault).
+Exit codes: 0 finished, 1 training failed, 2 bad config or data, or a rerun with another config
+(one line names the fault).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
+
+from ray_apps.options import add_json_out, write_json_out
 
 EPILOG = """examples:
   python -m ray_apps train --config ray_apps/configs/digits_cnn.yaml
@@ -20,7 +20,9 @@ EPILOG = """examples:
   python -m ray_apps train --config ray_apps/configs/sst2_minilm.yaml --dry-run
 
 Re-running the same run name (run.name, default: the config file's name) resumes from its
-latest checkpoint; --restart deletes the run directory and trains from scratch."""
+latest checkpoint; --set run.epochs=N (more than before) continues a finished run. A rerun whose
+config differs in any other field is refused, naming the fields; --restart deletes the run
+directory and trains from scratch, or choose another run.name."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,37 +34,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check config, data and model on a few rows; 2 steps in one process; writes nothing")
     p.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start fresh")
-    p.add_argument("--json-out", type=Path, metavar="PATH", help="also write the result summary to PATH")
+    add_json_out(p, "the run summary (result.json)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainers.checkpoint import CheckpointError
-    from trainers.config import ConfigError, load_job
-    from trainers.data import DataError, find_cause
-
-    try:
-        job = load_job(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from trainers.config import load_job
     from trainers.run import train
 
-    try:
-        summary = train(job, dry_run=args.dry_run, restart=args.restart)
-    except Exception as e:  # a worker's DataError/CheckpointError arrives wrapped by Ray: one line
-        cause = find_cause(e, (DataError, CheckpointError))
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
+    job = load_job(args.config, args.overrides)
+    summary = train(job, dry_run=args.dry_run, restart=args.restart)
     if args.dry_run:
         return 0
-    best = summary.get("best_metrics") or {}
-    print(f"done: {summary['job']} epochs {summary['epochs_completed']}  "
-          f"best {job.checkpoint.metric} {best.get(job.checkpoint.metric, float('nan')):.4f}  "
-          f"wall {summary['wall_seconds']:.0f}s\n  best checkpoint: {summary['best_checkpoint']}\n"
-          f"  summary: {summary['run_dir']}/result.json")
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(summary, indent=2))
+    metric = job.checkpoint.metric
+    print(f"done: {summary.job} epochs {summary.epochs_completed}  best {metric} {summary.best_value(metric):.4f}  "
+          f"wall {summary.wall_seconds or 0:.0f}s\n  best checkpoint: {summary.best_checkpoint}\n"
+          f"  summary: {summary.run_dir}/result.json")
+    write_json_out(args.json_out, summary)
     return 0

@@ -11,10 +11,9 @@ line names the field) or a sweep that cannot resume as asked.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
+
+from ray_apps.options import add_json_out, add_registry, write_json_out
 
 EPILOG = """Re-running the same command resumes an interrupted sweep (run.name, default the config file's
 name): finished trials are kept, unfinished and errored ones continue from their last checkpoint.
@@ -37,34 +36,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TuneJob field or a space entry (repeatable)")
     p.add_argument("--restart", action="store_true", help="discard this sweep's directory and start over")
-    p.add_argument("--json-out", type=Path, metavar="PATH", help="also write the summary (leaderboard, best) to PATH")
+    add_json_out(p, "the sweep summary (leaderboard, best)")
     p.add_argument("--register", metavar="NAME", help="export the best checkpoint as NAME and make it NAME@challenger")
-    p.add_argument("--registry", default=os.environ.get("RAYFOUNDRY_REGISTRY", "registry"),
-                   help="registry root for --register (default $RAYFOUNDRY_REGISTRY or ./registry)")
+    add_registry(p, "registry root for --register")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="with --register: also ship int8 ONNX")
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainers.config import ConfigError
     from tuning.config import load_tune
+    from tuning.sweep import format_leaderboard, register_best, run_sweep
 
-    try:
-        loaded = load_tune(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from trainers.checkpoint import CheckpointError
-    from trainers.data import DataError
-    from trainers.export import ExportError
-    from trainers.package import PackageError
-    from trainers.registry import RegistryError
-    from tuning.sweep import SweepError, format_leaderboard, register_best, run_sweep
-
-    try:
-        summary = run_sweep(loaded, restart=args.restart)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    loaded = load_tune(args.config, args.overrides)
+    summary = run_sweep(loaded, restart=args.restart)
     print(format_leaderboard(summary))
     best = summary["best"]
     if best is None:
@@ -75,14 +58,8 @@ def run(args: argparse.Namespace) -> int:
           f"  best config:     {best['yaml']}\n  best checkpoint: {best['checkpoint']}\n"
           f"  train it:        python -m ray_apps train --config {best['yaml']}")
     if args.register:
-        try:
-            summary["registered"] = register_best(summary, args.register, args.registry, args.quantize)
-        except (ExportError, CheckpointError, ConfigError, DataError, PackageError, RegistryError, SweepError) as e:
-            print(f"error: --register: {e}", file=sys.stderr)
-            return 2
+        summary["registered"] = register_best(summary, args.register, args.registry, args.quantize)
         print(f"registered: {summary['registered']['ref']} is now {summary['registered']['alias']} "
               f"in {args.registry}")
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(summary, indent=2, default=str))
+    write_json_out(args.json_out, summary)
     return 0

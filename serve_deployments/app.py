@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rayfoundry.errors import ConfigError, describe_validation_error
 from serve_deployments.config import ServeArgs
 from serve_deployments.model import LATENCY_BUCKETS, ModelServer
 from serve_deployments.protocol import BINARY_HEADER, ApiError, parse_json, parse_v2, v1_instances, v2_response
@@ -39,8 +40,7 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    return JSONResponse({"error": f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"}, status_code=422)
+    return JSONResponse({"error": describe_validation_error(exc.errors())}, status_code=422)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -91,7 +91,7 @@ class Gateway:
                                     f"{self.limits['max_instances']} per request")
             try:
                 answer = await asyncio.wait_for(self._call(name, instances), self.limits["request_timeout_s"])
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ApiError(408, f"model {name} did not answer within {self.limits['request_timeout_s']}s") from None
             except BackPressureError:
                 raise ApiError(503, f"model {name} is at capacity (max_queued_requests reached); retry shortly") from None
@@ -207,11 +207,16 @@ class Gateway:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for `args` (see ServeArgs). `serve run` passes key=value strings;
     `models` may then be a comma-separated list."""
-    from trainers.registry import Registry
+    from pydantic import ValidationError
+
+    from model_registry.registry import Registry
 
     if isinstance(args.get("models"), str):
         args = args | {"models": [m for m in args["models"].split(",") if m]}
-    cfg = ServeArgs.model_validate(args)
+    try:
+        cfg = ServeArgs.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e, "serve args")) from None
     registry = Registry(cfg.registry)
     threads = cfg.intra_op_threads or max(1, round(cfg.num_cpus))
     scale = cfg.autoscaling
@@ -220,8 +225,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for ref in cfg.models:
         name, version = registry.resolve(ref)  # pin the version: replicas added later load the same one
         meta = registry.metadata(name, version)  # the replicas verify every file when they load it
-        info[name] = {"name": name, "version": version, "engine": cfg.engine, "kind": meta["inputs"]["kind"],
-                      "labels": meta["task"]["labels"], "num_features": meta["inputs"].get("num_features")}
+        info[name] = {"name": name, "version": version, "engine": cfg.engine, "kind": meta.inputs.kind,
+                      "labels": meta.task.labels, "num_features": meta.inputs.num_features}
         options: dict[str, Any] = {
             "name": f"model-{name}", "max_ongoing_requests": cfg.limits.max_ongoing_requests,
             "max_queued_requests": cfg.limits.max_queued_requests,

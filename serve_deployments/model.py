@@ -34,18 +34,18 @@ class ModelServer:
     def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, max_text_chars: int):
         from ray.serve import metrics
 
-        from trainers.package import Predictor
-        from trainers.registry import Registry
-        from trainers.run import quiet_libraries
+        from model_registry.predictor import Predictor
+        from model_registry.registry import Registry
+        from rayfoundry.ray_env import quiet_process
 
-        quiet_libraries()
+        quiet_process()  # this replica's own actor process: its entry point, nothing else shares it
         self.package = Registry(registry).open(ref)  # verifies every file's sha256; never unpickles
         # No spinning: a replica shares its node's cores with Serve's proxy and other replicas.
         self.predictor = Predictor(self.package, engine, device, intra_op_threads, spinning=False)
         meta = self.package.metadata
-        self.name, self.version, self.engine = meta["name"], meta["version"], engine
-        self.kind, self.labels = self.package.inputs["kind"], self.package.labels
-        self.num_features = self.package.inputs.get("num_features")
+        self.name, self.version, self.engine = meta.name, meta.version, engine
+        self.kind, self.labels = self.package.inputs.kind, self.package.labels
+        self.num_features = self.package.inputs.num_features
         self.max_text_chars = max_text_chars
         self.stats = {"inference_count": 0, "execution_count": 0, "failed_count": 0,
                       "encode_seconds": 0.0, "engine_seconds": 0.0}

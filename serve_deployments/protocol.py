@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from rayfoundry.errors import describe_validation_error
+
 BINARY_HEADER = "inference-header-content-length"
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 
@@ -44,13 +46,6 @@ def parse_json(body: bytes, what: str = "request body") -> Any:
         raise ApiError(400, f"{what}: invalid JSON: {e}") from None
 
 
-def _validation_message(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{loc}: {first['msg']}{more}"
-
-
 Number = StrictFloat | StrictInt
 
 
@@ -63,7 +58,7 @@ def v1_instances(payload: Any) -> list[Any]:
     try:
         return PredictRequest.model_validate(payload).instances
     except ValidationError as e:
-        raise ApiError(422, _validation_message(e)) from None
+        raise ApiError(422, describe_validation_error(e)) from None
 
 
 class V2Tensor(BaseModel):
@@ -116,7 +111,7 @@ def parse_v2(body: bytes, header_length: str | None) -> tuple[V2Request, dict[st
     try:
         req = V2Request.model_validate(parse_json(body, "inference request"))
     except ValidationError as e:
-        raise ApiError(422, _validation_message(e)) from None
+        raise ApiError(422, describe_validation_error(e)) from None
     tensors, offset = {}, 0
     for t in req.inputs:
         if any(d < 0 for d in t.shape):

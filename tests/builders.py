@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from model_registry.validation import load_validation
 from tests.conftest import TINY_BERT
 from trainers.checkpoint import save_checkpoint
 from trainers.config import parse_job
 from trainers.loop import train_epoch
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.strategy import DDPEngine
-from trainers.validation import load_validation
 
 CPU = torch.device("cpu")
 WORDS = {"pos": ["great", "lovely", "superb", "moving", "fun"], "neg": ["awful", "dull", "boring", "weak", "bad"]}

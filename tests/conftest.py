@@ -42,13 +42,13 @@ def assert_checkpoint_reproduces_reported_metrics(job, summary: dict) -> None:
     from trainers.models import default_text_model_dir
     from trainers.ray_data import PadCollate, prepare_data
 
-    ckpt = Path(summary["latest_checkpoint"])
+    ckpt = Path(summary.latest_checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(ckpt, local_files_only=True)
-    assert model.config.id2label == {i: label for i, label in enumerate(summary["labels"])}
+    assert model.config.id2label == dict(enumerate(summary.labels))
     data = prepare_data(job, default_text_model_dir())
     batches = data.val.iter_torch_batches(batch_size=64, collate_fn=PadCollate(0))
-    metrics = classification_metrics(evaluate(model, batches, len(summary["labels"]), torch.device("cpu")))
-    reported = summary["final_metrics"]
+    metrics = classification_metrics(evaluate(model, batches, len(summary.labels), torch.device("cpu")))
+    reported = summary.final_metrics
     assert metrics["val_rows"] == reported["val_rows"] == data.val_rows
     assert metrics["val_accuracy"] == pytest.approx(reported["val_accuracy"], abs=1e-9)
     assert metrics["val_loss"] == pytest.approx(reported["val_loss"], rel=1e-5)
@@ -64,9 +64,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray with 2 CPUs for the whole session; starting one costs seconds."""
-    from trainers.run import connect_ray, quiet_libraries
+    from rayfoundry.ray_env import connect_ray, quiet_process
 
-    quiet_libraries()
+    quiet_process()
     connect_ray(num_cpus=2, address="local")  # never join a stray `ray start` head
     import ray
 

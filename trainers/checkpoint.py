@@ -15,7 +15,6 @@ only files whose sha256 matches what this run wrote, and export/serving read saf
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -25,19 +24,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rayfoundry import storage
+from rayfoundry.errors import CheckpointError
 from trainers.models import load_model, save_model
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or altered; the message names the file."""
+__all__ = ["CheckpointError", "load_trainer_state", "save_checkpoint", "sha256", "verify_checksums"]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = storage.sha256
 
 
 def write_checksums(directory: Path, files: list[Path], rank: int) -> None:
@@ -45,17 +39,38 @@ def write_checksums(directory: Path, files: list[Path], rank: int) -> None:
     (directory / f"checksums.rank{rank}.json").write_text(json.dumps(sums, indent=1, sort_keys=True))
 
 
-def verify_checksums(directory: Path) -> None:
+def _manifests(directory: Path) -> dict[Path, dict[str, str]]:
     manifests = sorted(directory.glob("checksums.rank*.json"))
     if not manifests:
         raise CheckpointError(f"{directory}: no checksums.rank*.json; not a complete rayfoundry checkpoint")
+    out = {}
     for manifest in manifests:
         try:
             listed = json.loads(manifest.read_text())
         except ValueError as e:
             raise CheckpointError(f"{manifest}: unreadable checksum manifest ({e})") from None
+        if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+            raise CheckpointError(f"{manifest}: not a checksum manifest (file name -> sha256)")
+        out[manifest] = listed
+    return out
+
+
+def manifest_files(directory: Path) -> list[str]:
+    """Every file name the checkpoint's checksum manifests list (relative to the checkpoint)."""
+    return sorted({name for listed in _manifests(directory).values() for name in listed})
+
+
+def verify_checksums(directory: Path) -> None:
+    """Each file every manifest lists exists inside the checkpoint, is a regular file (not a symlink)
+    and has the listed sha256."""
+    root = directory.resolve()
+    for manifest, listed in _manifests(directory).items():
         for name, expected in listed.items():
             path = directory / name
+            if path.is_symlink():
+                raise CheckpointError(f"{path}: a symlink in the checkpoint; checkpoints hold regular files only")
+            if not path.resolve().is_relative_to(root):
+                raise CheckpointError(f"{manifest}: lists {name!r}, outside the checkpoint")
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing from checkpoint (listed in {manifest.name})")
             if sha256(path) != expected:

@@ -13,11 +13,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rayfoundry.errors import ConfigError, describe_validation_error
+
+__all__ = ["ConfigError", "Section", "TrainJob", "apply_overrides", "load_job", "parse_job", "read_yaml"]
+
 SKLEARN_SOURCES = ("sklearn:digits", "sklearn:breast_cancer")
-
-
-class ConfigError(ValueError):
-    """A job config that cannot be used; the message is the single line shown to the user."""
+HIGHER_IS_BETTER = {"val_accuracy": True, "val_macro_f1": True, "val_loss": False}
 
 
 class Section(BaseModel):
@@ -176,11 +177,20 @@ class CheckpointSection(Section):
     metric: Literal["val_accuracy", "val_macro_f1", "val_loss"] = Field(
         "val_accuracy", description="Validation metric that ranks checkpoints."
     )
-    mode: Literal["max", "min"] | None = Field(None, description="Whether higher is better; unset infers from metric.")
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Whether higher is better; unset infers it from the metric, and a contradiction is refused.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointSection:
+        if self.mode is not None and self.mode != self.resolved_mode:
+            better = "higher" if HIGHER_IS_BETTER[self.metric] else "lower"
+            raise ValueError(f"checkpoint.mode {self.mode} contradicts checkpoint.metric {self.metric}, which is better "
+                             f"{better}; leave checkpoint.mode unset")
+        return self
 
     @property
     def resolved_mode(self) -> str:
-        return self.mode or ("min" if self.metric == "val_loss" else "max")
+        return "max" if HIGHER_IS_BETTER[self.metric] else "min"
 
 
 class FailureSection(Section):
@@ -257,33 +267,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-UNION_SECTIONS = ("model", "strategy", "scheduler")
-
-
-def _describe(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    parts = [str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
-    # A discriminated union puts its tag in the path (model.cnn.hidden); the field is model.hidden.
-    parts = [p for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] in UNION_SECTIONS and i + 1 < len(parts))]
-    loc = ".".join(parts)
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif first["type"] == "missing":
-        msg = "required field is missing"
-    elif "input" in first and first["type"] not in ("value_error", "assertion_error") and not isinstance(first["input"], dict):
-        msg = f"{msg} (got {first['input']!r})"
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
-
-
 def parse_job(raw: Any, source: str = "<config>") -> TrainJob:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (data, model, ...), got {type(raw).__name__}")
     try:
         return TrainJob.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_describe(e, source)) from None
+        raise ConfigError(describe_validation_error(e, source)) from None
 
 
 def read_yaml(path: str | Path) -> Any:

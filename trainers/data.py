@@ -14,26 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from rayfoundry.errors import DataError
+
+__all__ = ["DataError", "FieldSpec", "SourceStats", "collate", "encode_batch", "split_mask", "where"]
+
 PROVENANCE = ("_file", "_line", "_error")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, line and column."""
-
-
-def find_cause(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of `kinds` in a chain that Ray builds around it: a task error's `cause`,
-    Ray Train's per-rank `worker_failures`, or plain `__cause__`."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kinds):
-            return error
-        seen.add(id(error))
-        failures = getattr(error, "worker_failures", None)
-        error = getattr(error, "cause", None) or error.__cause__ or (next(iter(failures.values())) if failures else None)
-        if not isinstance(error, BaseException):
-            return None
-    return None
 
 
 def where(file: str, line: int, column: str | None = None) -> str:
@@ -173,7 +158,8 @@ def encode_batch(
                 flag(i, spec.label_column, f"unknown label {raw!r} (known: {known})")
             else:
                 labels[i] = label_ids[key]
-    out: dict[str, np.ndarray] = {"label": labels, "_label_raw": np.array([_normalize_label(r) for r in raw_labels], dtype=object)}
+    normalized = np.array([_normalize_label(r) for r in raw_labels], dtype=object)
+    out: dict[str, np.ndarray] = {"label": labels, "_label_raw": normalized}
 
     if spec.text_column:
         texts = batch.column(spec.text_column).to_pylist()

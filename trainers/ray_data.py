@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,11 @@ import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import FileBasedDatasource
 
+from rayfoundry import storage
+from rayfoundry.errors import DataError
+from rayfoundry.ray_env import find_cause
 from trainers.config import DataSection, TrainJob
-from trainers.data import DataError, FieldSpec, SourceStats, collate, encode_batch, find_cause, split_mask
+from trainers.data import FieldSpec, SourceStats, collate, encode_batch, split_mask
 from trainers.sources import load_builtin, parse_stream
 
 
@@ -40,7 +42,7 @@ def check_local_paths(cfg: DataSection) -> None:
     """Fail before Ray starts when a local data path does not exist (URIs are checked by the read)."""
     for field in ("train_path", "validation_path"):
         path = getattr(cfg, field)
-        if path and "://" not in path and not path.startswith("sklearn:") and not Path(path).exists():
+        if path and not storage.is_uri(path) and not path.startswith("sklearn:") and not Path(path).exists():
             raise DataError(f"data.{field}: no such file or directory: '{path}'")
 
 
@@ -50,7 +52,7 @@ def read_source(path: str, cfg: DataSection, field: str) -> ray.data.Dataset:
         ds = ray.data.from_arrow(load_builtin(path))
     else:
         source = ProvenanceFileSource(
-            path if "://" in path else os.path.abspath(path), cfg.resolved_format(path), cfg.header, cfg.columns,
+            storage.resolve(path), cfg.resolved_format(path), cfg.header, cfg.columns,
         )
         ds = ray.data.read_datasource(source)
     return ds.limit(cfg.max_rows) if cfg.max_rows else ds
@@ -176,21 +178,11 @@ def _check_bad_rows(stats: SourceStats, cfg: DataSection, source: str) -> int:
     return stats.bad_rows
 
 
-def quiet_ray_data_console() -> None:
-    """Raise Ray Data's console handler to WARNING in this process (its log file keeps everything).
-    RAY_DATA_LOGGING_CONFIG does the same for every process of a local run; this covers a cluster's."""
-    import logging
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
-            handler.setLevel(logging.WARNING)
-
-
 def quiet_ray_data() -> None:
-    """Deterministic order, no per-dataset banners. Non-interactive runs log progress at INFO, which
-    ray_data_logging.yaml keeps off the console, so the per-epoch lines stay readable."""
+    """This driver's Ray Data context: deterministic order, no per-dataset banners. Non-interactive runs
+    log progress at INFO, which ray_data_logging.yaml keeps off the console, so the per-epoch lines
+    stay readable."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic limit/split/shuffle for a given seed
     ctx.print_on_execution_start = False
     ctx.use_ray_tqdm = False  # in Train workers, log progress (filtered) instead of drawing tqdm bars
-    quiet_ray_data_console()

@@ -21,7 +21,9 @@ import pyarrow.fs as pafs
 import ray.train
 from ray.train import UserCallback
 
-from trainers.checkpoint import CheckpointError, load_trainer_state
+from rayfoundry import storage
+from rayfoundry.errors import CheckpointError
+from trainers.checkpoint import load_trainer_state
 
 FAULT_ENV = "RAYFOUNDRY_INJECT_EXIT"  # "rank=1,epoch=2,step=5,marker=/tmp/once": os._exit(1) there, once
 
@@ -31,7 +33,7 @@ def new_run_id() -> str:
 
 
 def _kept_checkpoints(run_dir: str) -> list[ray.train.Checkpoint]:
-    fs, path = pafs.FileSystem.from_uri(run_dir)
+    fs, path = storage.filesystem(run_dir)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch_")),
                   reverse=True)
@@ -48,7 +50,7 @@ def resume(engine, rank: int, run_dir: str, init: str | None = None) -> tuple[di
     if latest is not None and Path(latest.path).name not in {Path(c.path).name for c in candidates}:
         candidates.insert(0, latest)
     if init is not None:
-        fs, path = pafs.FileSystem.from_uri(init)
+        fs, path = storage.filesystem(init)
         candidates.append(ray.train.Checkpoint(path=path, filesystem=fs))
     if not candidates:
         return None, []
@@ -77,14 +79,14 @@ class FailureLog(UserCallback):
         self.count += 1
         record = {"run_id": self.run_id, "failure": self.count, "time": time.time(),
                   "ranks": {str(r): f"{type(e).__name__}: {e}"[:2000] for r, e in worker_exceptions.items()}}
-        fs, path = pafs.FileSystem.from_uri(f"{self.run_dir}/failures")
+        fs, path = storage.filesystem(f"{self.run_dir}/failures")
         fs.create_dir(path, recursive=True)
         with fs.open_output_stream(f"{path}/{self.run_id}-{self.count:03d}.json") as f:
             f.write(json.dumps(record, indent=1).encode())
 
 
 def count_failures(run_dir: str, run_id: str) -> int:
-    fs, path = pafs.FileSystem.from_uri(f"{run_dir}/failures")
+    fs, path = storage.filesystem(f"{run_dir}/failures")
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sum(1 for i in infos if i.base_name.startswith(run_id))
 

@@ -1,9 +1,10 @@
 """The one place that wraps a model for distributed training and owns optimizer stepping.
 
-An Engine exposes `model` (what forward runs on), `sync_gradients(sync)`, `backward(loss)`, `step()`,
-`unwrapped()` and `eval_model()` to the loop, and `full_state_dict()`, `save_training_state()` and
-`load_training_state()` to checkpoints. The loop uses nothing else, so DDP and DeepSpeed ZeRO are two
-Engines here, not branches in the loop.
+`Engine` is the interface: `model` (what forward runs on), `sync_gradients(sync)`, `backward(loss)`,
+`step()`, `unwrapped()` and `eval_model()` for the loop, and `full_state_dict()`,
+`save_training_state()` and `load_training_state()` for checkpoints. The loop uses nothing else, so
+DDP and DeepSpeed ZeRO are two Engines here, both built by `build_engine` from the same config
+sections (optim, strategy), not branches in the loop.
 """
 
 from __future__ import annotations
@@ -13,13 +14,39 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trainers.checkpoint import CheckpointError, load_optimizer, load_weights, save_optimizer
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the loop and the checkpoints use of a distributed-training engine."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    global_step: int
+
+    def unwrapped(self) -> nn.Module: ...
+
+    def eval_model(self) -> nn.Module: ...
+
+    def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+    def save_training_state(self, directory: Path, rank: int) -> None: ...
+
+    def load_training_state(self, directory: Path, trainer_state: dict) -> None: ...
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
@@ -58,8 +85,8 @@ def apply_hyperparameters(engine: Any, optim_cfg: Any) -> None:
 class DDPEngine:
     """DDP through ray.train.torch.prepare_model; a single process (local mode) runs unwrapped."""
 
-    def __init__(self, model: nn.Module, optim_cfg: Any, strategy_cfg: Any, total_steps: int, distributed: bool,
-                 device: torch.device):
+    def __init__(self, model: nn.Module, optim_cfg: Any, strategy_cfg: Any, total_steps: int, *, distributed: bool,
+                 device: torch.device, fresh_model: Callable[[], nn.Module] | None = None):
         if distributed:  # prepare_model moves to the worker's device and wraps (gloo on CPU, NCCL on GPU)
             import ray.train.torch
 
@@ -117,21 +144,22 @@ class DDPEngine:
         self.global_step += 1
 
 
-def deepspeed_config(job: Any, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config, derived from the TrainJob so no number is written twice; the job's
-    `strategy.deepspeed_config` is merged on top (its keys were checked not to clash)."""
-    s = job.strategy
+def deepspeed_config(optim_cfg: Any, strategy_cfg: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, derived from the job's optim and strategy sections so no number is written
+    twice; `strategy.deepspeed_config` is merged on top (its keys were checked not to clash)."""
+    s = strategy_cfg
+    micro_batch = optim_cfg.batch_size // (world_size * optim_cfg.grad_accum_steps)
     zero: dict[str, Any] = {"stage": s.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
     if s.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if s.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config = {
-        "train_micro_batch_size_per_gpu": job.micro_batch_size,
-        "gradient_accumulation_steps": job.optim.grad_accum_steps,
-        "train_batch_size": job.micro_batch_size * job.optim.grad_accum_steps * world_size,
-        "gradient_clipping": job.optim.max_grad_norm or 0.0,
-        "bf16": {"enabled": job.optim.precision == "bf16"},
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": optim_cfg.grad_accum_steps,
+        "train_batch_size": micro_batch * optim_cfg.grad_accum_steps * world_size,
+        "gradient_clipping": optim_cfg.max_grad_norm or 0.0,
+        "bf16": {"enabled": optim_cfg.precision == "bf16"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,   # the client optimizer is torch's (fused) AdamW
         "zero_force_ds_cpu_optimizer": False,
@@ -151,8 +179,8 @@ class DeepSpeedEngine:
     gloo, reusing the process group Ray Train created. The optimizer is torch AdamW and the
     scheduler transformers', handed to deepspeed.initialize as client objects."""
 
-    def __init__(self, model: nn.Module, job: Any, total_steps: int, device: torch.device,
-                 fresh_model: Callable[[], nn.Module] | None):
+    def __init__(self, model: nn.Module, optim_cfg: Any, strategy_cfg: Any, total_steps: int, *, distributed: bool,
+                 device: torch.device, fresh_model: Callable[[], nn.Module] | None = None):
         # DeepSpeed JIT-builds its CPU comm op against this interpreter's torch; a per-environment build
         # directory keeps two environments (another checkout, another torch) from rebuilding it in turn.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
@@ -165,13 +193,13 @@ class DeepSpeedEngine:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        self.stage = job.strategy.zero_stage
+        self.stage = strategy_cfg.zero_stage
         self.fresh_model = fresh_model
         model = model.to(device)
-        optimizer = build_optimizer(model, job.optim)
+        optimizer = build_optimizer(model, optim_cfg)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(job, dist.get_world_size()),
-            lr_scheduler=lambda opt: build_scheduler(opt, job.optim, total_steps), dist_init_required=False,
+            model=model, optimizer=optimizer, config=deepspeed_config(optim_cfg, strategy_cfg, dist.get_world_size()),
+            lr_scheduler=lambda opt: build_scheduler(opt, optim_cfg, total_steps), dist_init_required=False,
         )
         self.global_step = 0
 
@@ -217,13 +245,14 @@ class DeepSpeedEngine:
             raise CheckpointError(f"{directory / 'deepspeed'}: DeepSpeed found no engine state to resume from")
 
 
+ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
+
+
 def build_engine(model: nn.Module, job: Any, total_steps: int, distributed: bool, device: torch.device,
-                 fresh_model: Callable[[], nn.Module] | None = None):
-    if job.strategy.name == "ddp":
-        return DDPEngine(model, job.optim, job.strategy, total_steps, distributed, device)
-    if job.strategy.name == "deepspeed":
-        return DeepSpeedEngine(model, job, total_steps, device, fresh_model)
-    raise ValueError(f"strategy.name: unknown strategy {job.strategy.name!r}")
+                 fresh_model: Callable[[], nn.Module] | None = None) -> Engine:
+    """The job's strategy as an Engine, from its optim and strategy sections."""
+    return ENGINES[job.strategy.name](model, job.optim, job.strategy, total_steps, distributed=distributed,
+                                      device=device, fresh_model=fresh_model)
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

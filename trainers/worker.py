@@ -20,12 +20,13 @@ import ray.train.torch
 import torch
 import yaml
 
+from rayfoundry.ray_env import quiet_ray_data_console
 from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainJob
 from trainers.loop import classification_metrics, evaluate, train_epoch
-from trainers.ray_data import PadCollate, quiet_ray_data_console
-from trainers.recovery import InjectedExit, resume
 from trainers.models import build_model, load_tokenizer, model_config
+from trainers.ray_data import PadCollate
+from trainers.recovery import InjectedExit, resume
 from trainers.strategy import all_reduce_sum, apply_hyperparameters, build_engine
 
 EVAL_BATCH = 256
@@ -39,7 +40,8 @@ def seed_everything(seed: int) -> None:
 
 def quiet_worker_logs() -> None:
     """Keep Ray Train's per-report INFO lines off the console so the epoch lines stay readable.
-    One of them logs through a logger named by its file path, outside the `ray.train` tree."""
+    One of them logs through a logger named by its file path, outside the `ray.train` tree. This runs
+    in the Train worker processes this job owns, like an entry point: nothing else shares them."""
     import transformers
     from ray.train.v2._internal.execution import context
 
@@ -54,7 +56,8 @@ def quiet_worker_logs() -> None:
 def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
     return (f"epoch {epoch}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
             f"val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
-            f"samples/s {m['train_samples_per_s']:.0f}  data_wait {m['data_wait_seconds']:.1f}s  step {m['global_step']}  ({m['epoch_seconds']:.1f}s)")
+            f"samples/s {m['train_samples_per_s']:.0f}  data_wait {m['data_wait_seconds']:.1f}s  step {m['global_step']}  "
+            f"({m['epoch_seconds']:.1f}s)")
 
 
 class ProgressLine:

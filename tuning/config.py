@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from trainers.config import (ConfigError, ScalingSection, Section, TrainJob, _describe, apply_overrides,
-                             parse_job, read_yaml)
+from rayfoundry.errors import describe_validation_error
+from trainers.config import ConfigError, ScalingSection, Section, TrainJob, apply_overrides, parse_job, read_yaml
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice")
 # What PBT may change while a trial continues from another trial's weights: nothing that changes the
@@ -229,7 +229,7 @@ def load_tune(path: str | Path, overrides: list[str] = ()) -> LoadedTune:
     try:
         spec = TuneJob.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_describe(e, str(path))) from None
+        raise ConfigError(describe_validation_error(e, str(path))) from None
     base_path = Path(spec.base) if Path(spec.base).is_absolute() else path.parent / spec.base
     if not base_path.is_file():
         raise ConfigError(f"{path}: base: no such TrainJob file {base_path}")

@@ -26,16 +26,15 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
+from rayfoundry import storage
+from rayfoundry.errors import SweepError
+from rayfoundry.ray_env import connect_ray
 from trainers.config import TrainJob
-from trainers.run import delete_dir, read_json, run_dir, storage_root, write_text
+from trainers.run import run_dir
 from tuning.config import ASHA, PBT, LoadedTune, TuneJob, job_for
 
 DRIVER_CPU = 0.01  # Tune rejects 0; a whole CPU per driver starves the trials' own workers on small nodes
 SPEC_FILE = "rayfoundry_tune.json"
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot run or resume as asked; the message says why and what to do."""
 
 
 def concurrency(spec: TuneJob, scaling, resources: dict[str, float]) -> tuple[int, str]:
@@ -94,10 +93,9 @@ def build_search(spec: TuneJob, at_once: int):
         from ray.tune.search import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=at_once)
+    import optuna
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
@@ -126,7 +124,7 @@ def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool):
             metric=spec.metric, mode=spec.resolved_mode, num_samples=spec.num_samples,
             scheduler=build_scheduler(spec, loaded.base_job.run.epochs), search_alg=build_search(spec, at_once)),
         run_config=tune.RunConfig(
-            name=spec.run.name, storage_path=storage_root(spec.run.storage_path), verbose=0,
+            name=spec.run.name, storage_path=storage.resolve(spec.run.storage_path), verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # PBT keeps every checkpoint: its exploit re-registers the donor's latest one, and Tune's
             # pruning then tries to delete an already deleted directory, fails the save, and the
@@ -163,9 +161,6 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
     import ray
     from ray import tune
 
-    from trainers.run import connect_ray, quiet_libraries
-
-    quiet_libraries()
     # Tune snapshots the sweep's state at most every 10 s by default ("auto"); a driver killed inside
     # that window would, on resumption, start trials again that had finished. A snapshot is a small
     # JSON file, so take one every 2 s.
@@ -173,12 +168,12 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     spec = loaded.spec
     path = experiment_path(spec)
-    if restart and delete_dir(path):
+    if restart and storage.delete_dir(path):
         log(f"--restart: removed {path}")
     connect_ray()
     resumed = tune.Tuner.can_restore(path)
     if resumed:
-        stored = read_json(f"{path}/{SPEC_FILE}")
+        stored = storage.read_json(f"{path}/{SPEC_FILE}")
         if stored is not None and stored != json.loads(loaded.fingerprint()):
             raise SweepError(f"{path} holds a sweep started from another config; re-run with --restart to discard it, "
                              f"or set run.name to start a new sweep beside it")
@@ -186,7 +181,7 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
         log(f"resuming {path}: finished trials are kept, unfinished ones continue from their last checkpoint")
     else:
         at_once, why = concurrency(spec, loaded.base_job.scaling, ray.cluster_resources())
-        write_text(f"{path}/{SPEC_FILE}", loaded.fingerprint())
+        storage.write_text(f"{path}/{SPEC_FILE}", loaded.fingerprint())
         log(f"sweep {spec.run.name}: {spec.num_samples} trials, {spec.scheduler.type} + {spec.search.type} search "
             f"on {spec.metric} ({spec.resolved_mode}); {why}\n  storage: {path}")
     started = time.time()
@@ -196,8 +191,8 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
     best = summary["best"]
     if best:
         best["yaml"] = f"{path}/best_train.yaml"
-        write_text(best["yaml"], best_train_yaml(loaded, best["config"], best["yaml"]))
-    write_text(f"{path}/leaderboard.json", json.dumps(summary, indent=2, default=str))
+        storage.write_text(best["yaml"], best_train_yaml(loaded, best["config"], best["yaml"]))
+    storage.write_text(f"{path}/leaderboard.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -253,16 +248,15 @@ def best_train_yaml(loaded: LoadedTune, config: dict[str, Any], path: str) -> st
 
 def register_best(summary: dict[str, Any], name: str, registry: str, quantize: str = "none", log=print) -> dict:
     """Export the sweep's best checkpoint into the registry and point `challenger` at it."""
-    from trainers.export import ExportJob, export
-    from trainers.registry import Registry
+    from model_registry.export import ExportJob, export
+    from model_registry.registry import Registry
 
     if not summary.get("best"):
         raise SweepError("the sweep has no checkpoint to register (every trial failed before its first epoch)")
     meta = export(ExportJob(checkpoint=summary["best"]["checkpoint"], name=name, registry=registry,
                             quantize=quantize), log=log)
-    ref = f"{meta['name']}:{meta['version']}"
-    Registry(registry).promote(ref, "challenger", reason=f"best trial of sweep {summary['sweep']}")
-    return {"ref": ref, "alias": f"{name}@challenger", "registry": registry}
+    Registry(registry).promote(meta.ref, "challenger", reason=f"best trial of sweep {summary['sweep']}")
+    return {"ref": meta.ref, "alias": f"{name}@challenger", "registry": registry}
 
 
 def format_leaderboard(summary: dict[str, Any]) -> str:

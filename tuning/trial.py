@@ -61,10 +61,9 @@ def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str
     from ray.util.queue import Empty, Queue
 
     from trainers.recovery import new_run_id
-    from trainers.run import quiet_libraries, train
+    from trainers.run import train
     from tuning.config import job_for
 
-    quiet_libraries()
     job = job_for(trial_base, config, source)
     job.run.storage_path = ray.tune.get_context().get_trial_dir()
     job.run.name = f"train-{new_run_id()}"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from model_registry.export import ExportJob, export
 from tests.conftest import assert_checkpoint_reproduces_reported_metrics, tiny_text_job
-from trainers.export import ExportJob, export
 from trainers.run import train
 
 
@@ -18,8 +18,8 @@ from trainers.run import train
 def test_zero_trains_consolidates_and_exports(ray_cluster, shared_data, tmp_path, stage):
     job = tiny_text_job(shared_data, tmp_path, f"zero{stage}", {"name": "deepspeed", "zero_stage": stage}, epochs=1)
     summary = train(job)
-    assert summary["epochs_completed"] == 1
-    ckpt = Path(summary["latest_checkpoint"])
+    assert summary.epochs_completed == 1
+    ckpt = Path(summary.latest_checkpoint)
     assert (ckpt / "deepspeed" / "state").is_dir()  # DeepSpeed's own sharded state, for exact resume
     assert (ckpt / "model.safetensors").is_file()
     # The workers scored validation with the DeepSpeed engine's weights (a gathered copy for ZeRO-3);
@@ -28,18 +28,18 @@ def test_zero_trains_consolidates_and_exports(ray_cluster, shared_data, tmp_path
     if stage == 2:
         _resumes_from_sharded_state(shared_data, tmp_path, summary)
     else:  # the consolidated ZeRO-3 weights export, and ONNX scores the validation set as the workers did
-        meta = export(ExportJob(checkpoint=summary["run_dir"], name="zero3", registry=str(tmp_path / "registry")),
+        meta = export(ExportJob(checkpoint=summary.run_dir, name="zero3", registry=str(tmp_path / "registry")),
                       log=lambda *_: None)
-        assert meta["parity"]["max_abs_logit_diff"] <= 1e-4 and meta["source"]["strategy"] == "deepspeed"
-        onnx = meta["validation"]["metrics"]["onnx"]
-        assert onnx["val_rows"] == summary["final_metrics"]["val_rows"]
-        assert onnx["val_accuracy"] == pytest.approx(summary["final_metrics"]["val_accuracy"], abs=1e-9)
+        assert meta.parity.max_abs_logit_diff <= 1e-4 and meta.source.strategy == "deepspeed"
+        onnx = meta.validation.metrics["onnx"]
+        assert onnx["val_rows"] == summary.final_metrics["val_rows"]
+        assert onnx["val_accuracy"] == pytest.approx(summary.final_metrics["val_accuracy"], abs=1e-9)
 
 
 def _resumes_from_sharded_state(shared_data, tmp_path, first: dict) -> None:
     """Continue the ZeRO-2 run for a second epoch from its sharded optimizer state."""
     second = train(tiny_text_job(shared_data, tmp_path, "zero2", {"name": "deepspeed", "zero_stage": 2}, epochs=2))
-    assert second["final_metrics"]["resumed_from"] == "epoch_0001"
-    assert second["global_step"] == 2 * first["global_step"]
+    assert second.final_metrics["resumed_from"] == "epoch_0001"
+    assert second.global_step == 2 * first.global_step
     state = json.loads((tmp_path / "zero2" / "epoch_0002" / "trainer_state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == [1, 2]

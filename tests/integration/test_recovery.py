@@ -30,17 +30,17 @@ def test_worker_death_mid_epoch_restarts_and_matches_an_uninterrupted_run(digits
     crashed = train(load_job(DIGITS, [f"run.storage_path={tmp_path}", "run.name=crashed"]))
     monkeypatch.delenv(FAULT_ENV)
     assert marker.read_text() == "exited at step 7\n"  # the fault really fired, mid-epoch
-    assert crashed["restarts"] == 1
+    assert crashed.restarts == 1
     failures = list((tmp_path / "crashed" / "failures").glob(f"{crashed['run_id']}-*.json"))
     assert len(failures) == 1 and "1" in json.loads(failures[0].read_text())["ranks"]
-    history = json.loads((Path(crashed["latest_checkpoint"]) / "trainer_state.json").read_text())["history"]
+    history = json.loads((Path(crashed.latest_checkpoint) / "trainer_state.json").read_text())["history"]
     assert history[1]["resumed_from"] == "epoch_0001"  # epoch 2 restarted from epoch 1's checkpoint
-    assert crashed["global_step"] == clean["global_step"]
+    assert crashed.global_step == clean.global_step
     # Epoch 2 restarts from the epoch-1 checkpoint with every RNG, the optimizer and the data order
     # restored, and gloo's CPU all-reduce sums in a fixed order, so the rerun is bit-for-bit the same
     # computation. The tolerance only absorbs float formatting, not a real difference.
     for key in ("val_loss", "val_accuracy", "val_macro_f1", "train_loss"):
-        assert crashed["final_metrics"][key] == pytest.approx(clean["final_metrics"][key], rel=1e-6, abs=1e-9)
+        assert crashed.final_metrics[key] == pytest.approx(clean.final_metrics[key], rel=1e-6, abs=1e-9)
 
     # A truncated upload of the newest checkpoint costs one epoch, not the run.
     kept = sorted(p.name for p in (tmp_path / "crashed").glob("epoch_*"))
@@ -49,16 +49,16 @@ def test_worker_death_mid_epoch_restarts_and_matches_an_uninterrupted_run(digits
     weights.write_bytes(weights.read_bytes()[:1000])
     previous = json.loads((tmp_path / "crashed" / kept[-2] / "trainer_state.json").read_text())
     resumed = train(load_job(DIGITS, [f"run.storage_path={tmp_path}", "run.name=crashed", "run.epochs=9"]))
-    assert resumed["final_metrics"]["resumed_from"] == kept[-2]
-    (note,) = resumed["final_metrics"]["skipped_checkpoints"]
+    assert resumed.final_metrics["resumed_from"] == kept[-2]
+    (note,) = resumed.final_metrics["skipped_checkpoints"]
     assert f"{weights}: sha256 mismatch" in note
-    assert resumed["epochs_completed"] == 9
-    assert resumed["global_step"] == previous["global_step"] + (9 - previous["epoch"]) * clean["global_step"] // 8
-    state = json.loads((Path(resumed["latest_checkpoint"]) / "trainer_state.json").read_text())
+    assert resumed.epochs_completed == 9
+    assert resumed.global_step == previous["global_step"] + (9 - previous["epoch"]) * clean.global_step // 8
+    state = json.loads((Path(resumed.latest_checkpoint) / "trainer_state.json").read_text())
     assert [h["epoch"] for h in state["history"]] == list(range(1, 10))
     assert state["history"][:previous["epoch"]] == previous["history"]  # kept, not trained again
     again = train(load_job(DIGITS, [f"run.storage_path={tmp_path}", "run.name=crashed", "run.epochs=9"]))
-    assert again["wall_seconds"] == resumed["wall_seconds"]  # finished: nothing to do
+    assert again.wall_seconds == resumed.wall_seconds  # finished: nothing to do
 
 
 def test_rerun_after_the_driver_is_killed_continues_from_the_saved_epoch(ray_cluster, tmp_path):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import requests
 
+from model_registry.export import ExportJob, export
 from tests.builders import job_for, make_checkpoint
-from trainers.export import ExportJob, export
 
 DIGIT_ROW = [0.0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8,
              8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10,
@@ -46,7 +46,7 @@ def service(ray_cluster, tmp_path_factory):
     """Digits (CNN) and a tiny-BERT review classifier, exported and served; yields (url, registry)."""
     from ray import serve
 
-    from trainers.registry import Registry
+    from model_registry.registry import Registry
 
     tmp = tmp_path_factory.mktemp("serve")
     registry = tmp / "registry"
@@ -138,7 +138,8 @@ BAD_REQUESTS = [
 
 def _send(url: str, method: str, path: str, body: bytes | None):
     if body is None:  # a binary V2 request whose tensor bytes were cut short
-        header = b'{"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}'
+        header = (b'{"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", '
+                  b'"parameters": {"binary_data_size": 256}}]}')
         return requests.post(url + path, data=header + b"\0" * 100, timeout=30,
                              headers={"Inference-Header-Content-Length": str(len(header))})
     return requests.request(method, url + path, data=body, timeout=30)
@@ -209,7 +210,8 @@ def test_overload_is_refused_quickly_with_503_and_every_accepted_request_succeed
             start.wait()
             began = time.perf_counter()
             r = requests.post(f"{url}/tight/v1/models/digits:predict", json={"instances": rows}, timeout=60)
-            return r.status_code, time.perf_counter() - began, (r.json() if r.headers.get("content-type") == "application/json" else r.text)
+            body = r.json() if r.headers.get("content-type") == "application/json" else r.text
+            return r.status_code, time.perf_counter() - began, body
 
         with ThreadPoolExecutor(24) as pool:
             results = list(pool.map(call, range(24)))
@@ -231,12 +233,14 @@ def test_prometheus_metrics_are_exported_for_requests_batches_and_errors(service
     requests.post(f"{url}/v1/models/digits:predict", json={"instances": [[1, 2]]}, timeout=30)
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = ['ray_rayfoundry_requests_total{', 'status="200"', 'status="422"', "ray_rayfoundry_request_latency_seconds_bucket",
-              "ray_rayfoundry_batch_size_bucket", "ray_rayfoundry_queue_wait_seconds_bucket", "ray_rayfoundry_inference_seconds_bucket"]
+              "ray_rayfoundry_batch_size_bucket", "ray_rayfoundry_queue_wait_seconds_bucket",
+              "ray_rayfoundry_inference_seconds_bucket"]
     deadline, text = time.time() + 40, ""
     while time.time() < deadline and not all(w in text for w in wanted):
         time.sleep(2)  # Ray exports metrics every few seconds
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert all(w in text for w in wanted), [w for w in wanted if w not in text]
-    counted = [l for l in text.splitlines() if l.startswith("ray_rayfoundry_requests_total{") and 'status="422"' in l
-               and 'model="digits"' in l and 'version="1"' in l]  # the bad digits request above, by model and version
+    # the bad digits request above, by model and version
+    counted = [line for line in text.splitlines() if line.startswith("ray_rayfoundry_requests_total{")
+               and 'status="422"' in line and 'model="digits"' in line and 'version="1"' in line]
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1, counted

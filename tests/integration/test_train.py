@@ -17,13 +17,13 @@ DIGITS = REPO / "ray_apps" / "configs" / "digits_cnn.yaml"
 
 def test_ddp_digits_reaches_95_percent_and_writes_result(digits_run):
     job, summary, storage = digits_run
-    assert summary["best_metrics"]["val_accuracy"] >= 0.95
-    assert summary["epochs_completed"] == job.run.epochs
+    assert summary.best_metrics["val_accuracy"] >= 0.95
+    assert summary.epochs_completed == job.run.epochs
     on_disk = json.loads((storage / "digits_cnn" / "result.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("final_metrics", "best_checkpoint", "wall_seconds", "samples_per_s"):
         assert on_disk[key]
-    best = Path(summary["best_checkpoint"])
+    best = Path(summary.best_checkpoint)
     assert {"model.safetensors", "config.json", "label_map.json", "optimizer.safetensors", "trainer_state.json",
             "rng_rank0.safetensors", "rng_rank1.safetensors", "checksums.rank0.json"} <= {p.name for p in best.iterdir()}
     assert not [p for p in best.rglob("*") if p.suffix in (".pt", ".bin", ".pkl")]
@@ -34,7 +34,7 @@ def test_ddp_digits_reaches_95_percent_and_writes_result(digits_run):
 def test_tiny_bert_on_sst2_slice_checkpoint_loads_with_from_pretrained(ray_cluster, shared_data, tmp_path):
     job = tiny_text_job(shared_data, tmp_path)
     summary = train(job)
-    assert summary["labels"] == ["0", "1"]
+    assert summary.labels == ["0", "1"]
     assert_checkpoint_reproduces_reported_metrics(job, summary)
 
 

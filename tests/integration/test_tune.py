@@ -94,12 +94,12 @@ def test_asha_two_at_a_time_stops_a_hopeless_trial_resumes_after_a_kill_and_its_
     assert f"best config:     {best['yaml']}" in rerun.stdout and best["checkpoint"] in rerun.stdout
     assert (Path(best["checkpoint"]) / "model.safetensors").is_file()
     # --register: the best checkpoint is now digits@challenger, exported and scored like any package.
-    from trainers.registry import Registry
+    from model_registry.registry import Registry
 
     reg = Registry(str(registry))
     assert summary["registered"]["ref"] == "digits:1" and reg.resolve("digits@challenger") == ("digits", "1")
     meta = reg.metadata("digits", "1")
-    assert meta["validation"]["metrics"]["onnx"]["val_accuracy"] == pytest.approx(best["value"], abs=1e-9)
+    assert meta.validation.metrics["onnx"]["val_accuracy"] == pytest.approx(best["value"], abs=1e-9)
     # The best YAML is a complete job the train CLI accepts and trains (its dry run: config, data,
     # model and two optimizer steps).
     assert yaml.safe_load(Path(best["yaml"]).read_text())["optim"]["lr"] == best["config"]["optim.lr"]

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.checkpoint import CheckpointError, load_for_inference, load_trainer_state, save_checkpoint, \
-    verify_checksums
+from trainers.checkpoint import CheckpointError, load_for_inference, load_trainer_state, save_checkpoint, verify_checksums
 from trainers.config import CNNModel, DDPStrategy, OptimSection, TextModel
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.strategy import DDPEngine

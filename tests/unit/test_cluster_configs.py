@@ -288,8 +288,10 @@ def test_rayservice_serve_config_validates_and_runs_the_committed_app():
     (["--target", "raycluser"], "error: --target 'raycluser': choose one of raycluster, rayjob, rayservice"),
     (["--target", "rayjob", "--job", "ray_apps/configs/nope.yaml"], "error: --job ray_apps/configs/nope.yaml: no such file"),
     (["--target", "rayjob"], "error: --target rayjob needs --job (a train config)"),
-    (["--target", "rayjob", "--job", "cluster_configs/serve/digits.yaml"], "cluster_configs/serve/digits.yaml: data: required field is missing"),
-    (["--target", "rayservice", "--job", "ray_apps/configs/digits_cnn.yaml"], "digits_cnn.yaml: applications: required field is missing"),
+    (["--target", "rayjob", "--job", "cluster_configs/serve/digits.yaml"],
+     "cluster_configs/serve/digits.yaml: data: required field is missing"),
+    (["--target", "rayservice", "--job", "ray_apps/configs/digits_cnn.yaml"],
+     "digits_cnn.yaml: applications: required field is missing"),
 ])
 def test_cluster_render_refuses_bad_input_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)

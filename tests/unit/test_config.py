@@ -52,7 +52,8 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (BASE, ["optim.lr=-1"], "job.yaml: optim.lr: Input should be greater than 0"),
     ("model: {type: cnn}\n", [], "job.yaml: data: required field is missing"),
     (BASE, ["model.type=transformer"], "job.yaml: model: Input tag 'transformer' found using 'type' does not match"),
-    (BASE, ["optim.batch_size=63"], "optim.batch_size 63 must divide evenly over scaling.num_workers x optim.grad_accum_steps = 2"),
+    (BASE, ["optim.batch_size=63"],
+     "optim.batch_size 63 must divide evenly over scaling.num_workers x optim.grad_accum_steps = 2"),
     ("data: {train_path: x.tsv, text_column: s}\nmodel: {type: cnn}\n", [], "data.text_column is set but model.type cnn"),
     ("data: {train_path: x.tsv}\nmodel: {type: text}\n", [], "data.text_column is required for model.type text"),
     ("data: {train_path: x.tsv, header: false, text_column: t}\nmodel: {type: text}\n", [],
@@ -125,7 +126,7 @@ def test_deepspeed_config_is_derived_from_the_job_with_overrides_merged():
                      "optim": {"batch_size": 64, "grad_accum_steps": 2, "max_grad_norm": 0.5, "precision": "bf16"},
                      "strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu",
                                   "deepspeed_config": {"zero_optimization": {"overlap_comm": True}}}})
-    cfg = deepspeed_config(job, world_size=2)
+    cfg = deepspeed_config(job.optim, job.strategy, world_size=2)
     assert cfg["train_micro_batch_size_per_gpu"] == 16 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_batch_size"] == 64 and cfg["gradient_clipping"] == 0.5 and cfg["bf16"] == {"enabled": True}
     zero = cfg["zero_optimization"]

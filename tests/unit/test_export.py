@@ -9,7 +9,6 @@ Run: .venv/bin/python -m pytest tests/unit/test_export.py -q
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -19,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_registry.export import ExportError, ExportJob, export
+from model_registry.package import ModelPackage, PackageError
+from model_registry.predictor import Predictor, score
+from model_registry.registry import GateRefused, Registry, RegistryError
+from model_registry.validation import load_validation
 from tests.builders import job_for, make_checkpoint
 from tests.conftest import REPO
 from trainers.config import parse_job
-from trainers.export import ExportError, ExportJob, export
-from trainers.package import ModelPackage, PackageError, Predictor, score
-from trainers.registry import GateRefused, Registry, RegistryError
-from trainers.validation import load_validation
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
@@ -47,24 +48,24 @@ def test_export_parity_int8_delta_and_metadata(checkpoints, tmp_path, kind):
     meta = export(ExportJob(checkpoint=str(checkpoints[kind]), name=kind, registry=str(tmp_path), quantize="int8"),
                   log=lambda *_: None)
     pkg = Registry(str(tmp_path)).open(kind)
-    assert pkg.metadata == meta and meta["version"] == "1"
+    assert pkg.metadata == meta and meta.version == "1"
     assert {"model.safetensors", "model.onnx", "model.int8.onnx", "label_map.json", "config.json",
-            "README.md"} <= set(meta["files"])
+            "README.md"} <= set(meta.files)
     assert not [p for p in pkg.path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
-    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4 and meta["parity"]["rows"] == min(64, meta["validation"]["rows"])
-    assert len({tuple(s) for s in meta["parity"]["shapes"]}) >= 3  # several batch (and sequence) shapes
-    m = meta["validation"]["metrics"]
-    assert m["int8_accuracy_drop"] == pytest.approx(m["onnx"]["val_accuracy"] - m["onnx-int8"]["val_accuracy"])
+    assert meta.parity.max_abs_logit_diff <= 1e-4 and meta.parity.rows == min(64, meta.validation.rows)
+    assert len({tuple(s) for s in meta.parity.shapes}) >= 3  # several batch (and sequence) shapes
+    m = meta.validation.metrics
+    assert meta.validation.int8_accuracy_drop == pytest.approx(m["onnx"]["val_accuracy"] - m["onnx-int8"]["val_accuracy"])
     # The recorded ONNX numbers are what torch scores on the same validation rows.
-    job = parse_job(meta["training"]["config"])
+    job = parse_job(meta.training.config)
     torch_pred = Predictor(pkg, "torch", "cpu")
     torch_metrics = score(torch_pred, load_validation(job, pkg.labels, torch_pred.tokenizer))
-    assert torch_metrics["val_accuracy"] == m["onnx"]["val_accuracy"] and torch_metrics["val_rows"] == meta["validation"]["rows"]
+    assert torch_metrics["val_accuracy"] == m["onnx"]["val_accuracy"] and torch_metrics["val_rows"] == meta.validation.rows
     assert m["onnx"]["val_loss"] == pytest.approx(torch_metrics["val_loss"], rel=1e-5)
-    assert meta["task"]["type"] == {"cnn": "image-classification", "mlp": "tabular-classification",
+    assert meta.task.type == {"cnn": "image-classification", "mlp": "tabular-classification",
                                     "text": "text-classification"}[kind]
-    assert {"torch", "onnxruntime-gpu", "transformers"} <= set(meta["libraries"])
-    assert meta["source"]["checkpoint"] == str(checkpoints[kind].resolve())
+    assert {"torch", "onnxruntime-gpu", "transformers"} <= set(meta.libraries)
+    assert meta.source.checkpoint == str(checkpoints[kind].resolve())
     # Serving-side predictions from the int8 engine on raw instances.
     instances = ["a great film", "an awful film"] if kind == "text" else \
         load_validation(job, pkg.labels).features[:2].tolist()
@@ -76,7 +77,7 @@ def test_trained_models_beat_chance(checkpoints, tmp_path):
     """Quality sanity for the fixtures the gate tests rely on."""
     for kind, floor in (("cnn", 0.8), ("mlp", 0.9)):
         meta = export(ExportJob(checkpoint=str(checkpoints[kind]), name=kind, registry=str(tmp_path)), log=lambda *_: None)
-        assert meta["validation"]["metrics"]["onnx"]["val_accuracy"] >= floor
+        assert meta.validation.metrics["onnx"]["val_accuracy"] >= floor
 
 
 @pytest.fixture
@@ -106,9 +107,10 @@ def test_crash_during_export_leaves_no_visible_version(checkpoints, tmp_path):
     """SIGKILL the exporting process after ONNX export; the registry shows nothing, and the next export
     takes version 1 and sweeps the dead process's staging directory."""
     code = (
-        "import os, signal, sys; import trainers.export as e\n"
+        "import os, signal, sys; import model_registry.export as e\n"
         "e.quantize_int8 = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"e.export(e.ExportJob(checkpoint={str(checkpoints['cnn'])!r}, name='cnn', registry={str(tmp_path)!r}, quantize='int8'))\n"
+        f"e.export(e.ExportJob(checkpoint={str(checkpoints['cnn'])!r}, name='cnn', registry={str(tmp_path)!r}, "
+        "quantize='int8'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -122,7 +124,7 @@ def test_crash_during_export_leaves_no_visible_version(checkpoints, tmp_path):
 
 
 def test_int8_drop_over_the_bound_is_refused_and_nothing_published(checkpoints, weak_cnn, tmp_path, monkeypatch):
-    import trainers.export as export_module
+    import model_registry.export as export_module
 
     def quantize_to_a_bad_model(src, dst):  # stands in for a quantization that wrecks accuracy
         export(ExportJob(checkpoint=str(weak_cnn), name="scratch", registry=str(tmp_path / "scratch")), log=lambda *_: None)
@@ -136,7 +138,7 @@ def test_int8_drop_over_the_bound_is_refused_and_nothing_published(checkpoints, 
 
 
 def test_parity_failure_is_refused(checkpoints, tmp_path, monkeypatch):
-    import trainers.export as export_module
+    import model_registry.export as export_module
 
     real = export_module.export_onnx
 
@@ -159,18 +161,18 @@ def test_gate_accepts_better_refuses_worse_force_is_recorded_and_rollback_restor
     export(ExportJob(checkpoint=str(weak_cnn), name="cnn", registry=str(tmp_path)), **quiet)  # v1 weak
     export(ExportJob(checkpoint=str(checkpoints["cnn"]), name="cnn", registry=str(tmp_path)), **quiet)  # v2 strong
     export(ExportJob(checkpoint=str(weak_cnn), name="cnn", registry=str(tmp_path)), **quiet)  # v3 weak again
-    assert reg.promote("cnn:1", "champion")["gate"] is None  # first champion: nothing to beat
+    assert reg.promote("cnn:1", "champion").gate is None  # first champion: nothing to beat
     better = reg.promote("cnn:2", "champion")
-    assert better["gate"]["passed"] and better["gate"]["measured"].startswith("recorded on the same")
-    assert better["gate"]["candidate"] > better["gate"]["champion"]
+    assert better.gate.passed and better.gate.measured.startswith("recorded on the same")
+    assert better.gate.candidate > better.gate.champion
     with pytest.raises(GateRefused, match=r"cnn:3 not promoted to champion: val_accuracy 0\.\d+ vs champion cnn:2"):
         reg.promote("cnn:3", "champion")
     assert reg.resolve("cnn@champion") == ("cnn", "2")
     forced = reg.promote("cnn:3", "champion", force=True, reason="incident 42 drill")
-    assert forced["forced"] and forced["reason"] == "incident 42 drill" and not forced["gate"]["passed"]
-    assert reg.state("cnn")["history"][-1] == forced
-    assert reg.rollback("cnn")["version"] == "2" and reg.resolve("cnn@champion") == ("cnn", "2")
-    assert reg.rollback("cnn")["version"] == "1"
+    assert forced.forced and forced.reason == "incident 42 drill" and not forced.gate.passed
+    assert reg.state("cnn").history[-1] == forced
+    assert reg.rollback("cnn").version == "2" and reg.resolve("cnn@champion") == ("cnn", "2")
+    assert reg.rollback("cnn").version == "1"
     with pytest.raises(RegistryError, match="no earlier version to roll back to"):
         reg.rollback("cnn")
     reg.promote("cnn:3", "challenger")  # other aliases are not gated
@@ -182,15 +184,15 @@ def test_gate_rescores_both_packages_when_validation_data_differs(checkpoints, t
     export(ExportJob(checkpoint=str(checkpoints["mlp"]), name="mlp", registry=str(tmp_path)), log=lambda *_: None)
     reg.promote("mlp:1", "champion")
     meta_path = tmp_path / "mlp" / "1" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["validation"]["fingerprint"] = "measured-elsewhere"  # as if v1 was scored on other rows
-    from trainers.package import write_metadata
+    meta = reg.metadata("mlp", "1")
+    meta.validation.fingerprint = "measured-elsewhere"  # as if v1 was scored on other rows
+    from model_registry.package import write_metadata
 
     write_metadata(meta_path.parent, meta)
     export(ExportJob(checkpoint=str(checkpoints["mlp"]), name="mlp", registry=str(tmp_path)), log=lambda *_: None)
     event = reg.promote("mlp:2", "champion")
-    assert event["gate"]["measured"].startswith("re-measured on sklearn:breast_cancer")
-    assert event["gate"]["candidate"] == event["gate"]["champion"]  # the same model, re-scored on the same rows
+    assert event.gate.measured.startswith("re-measured on sklearn:breast_cancer")
+    assert event.gate.candidate == event.gate.champion  # the same model, re-scored on the same rows
 
 
 def test_object_store_registry_uploads_marker_last_and_verifies_downloads(checkpoints, tmp_path, monkeypatch):
@@ -201,14 +203,14 @@ def test_object_store_registry_uploads_marker_last_and_verifies_downloads(checkp
     store = tmp_path / "bucket"
     store.mkdir()
     monkeypatch.setenv("RAYFOUNDRY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("trainers.registry.filesystem_for",
+    monkeypatch.setattr("model_registry.registry.filesystem_for",
                         lambda uri: (pafs.SubTreeFileSystem(str(store), pafs.LocalFileSystem()), "models"))
     reg_uri = "s3://bucket/models"
     export(ExportJob(checkpoint=str(checkpoints["mlp"]), name="mlp", registry=reg_uri), log=lambda *_: None)
     reg = Registry(reg_uri)
     assert not reg.local and reg.versions("mlp") == ["1"]
     pkg = reg.open("mlp")
-    assert pkg.path.is_relative_to(tmp_path / "cache") and pkg.metadata["version"] == "1"
+    assert pkg.path.is_relative_to(tmp_path / "cache") and pkg.metadata.version == "1"
     (store / "models" / "mlp" / "1" / "metadata.json.sha256").unlink()  # an upload cut short before its marker
     assert reg.versions("mlp") == []
 

@@ -86,7 +86,8 @@ def test_metrics_ignore_classes_absent_from_labels_and_predictions():
 
 
 def test_find_cause_digs_through_ray_style_wrappers():
-    from trainers.data import DataError, find_cause
+    from rayfoundry.errors import DataError
+    from rayfoundry.ray_env import find_cause
 
     inner = DataError("x.tsv, line 3: bad")
     task_error = type("RayTaskError", (Exception,), {})("wrapped")

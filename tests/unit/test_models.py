@@ -12,10 +12,17 @@ import pytest
 import torch
 
 from tests.conftest import TINY_BERT
-
 from trainers.config import CNNModel, MLPModel, TextModel
-from trainers.models import (DigitsCNN, TabularMLP, build_model, default_text_model_dir, load_model, load_tokenizer,
-                             model_config, save_model)
+from trainers.models import (
+    DigitsCNN,
+    TabularMLP,
+    build_model,
+    default_text_model_dir,
+    load_model,
+    load_tokenizer,
+    model_config,
+    save_model,
+)
 
 DIGITS = [str(i) for i in range(10)]
 TINY_TEXT = TextModel(type="text", from_config=TINY_BERT)

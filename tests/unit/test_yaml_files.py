@@ -95,7 +95,7 @@ VALIDATORS = {  # the first matching prefix wins
     "ray_apps/configs/tune_": _validate_tune_job,
     "ray_apps/configs/": _validate_train_job,
     "cluster_configs/runtime_env.yaml": _validate_runtime_env,
-    "trainers/ray_data_logging.yaml": _validate_logging_config,
+    "rayfoundry/ray_data_logging.yaml": _validate_logging_config,
     "cluster_configs/serve/": _validate_serve_config,
 }
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from rayfoundry import storage
+from rayfoundry.errors import DataError
 from trainers.config import TrainJob
-from trainers.data import DataError, FieldSpec, collate, encode_batch, split_mask
+from trainers.data import FieldSpec, collate, encode_batch, split_mask
 from trainers.sources import load_builtin, parse_stream
 
 
@@ -30,6 +32,7 @@ class ValidationSet:
     features: np.ndarray | None
     source: str
     fingerprint: str
+    texts: list[str] | None = None  # text models: the raw texts, for sample requests
 
     def __len__(self) -> int:
         return len(self.label)
@@ -47,23 +50,6 @@ class ValidationSet:
             yield {k: v.numpy() for k, v in collate(part, pad_id).items()}
 
 
-def _files(path: str) -> list[tuple[object, str]]:
-    """(filesystem, path) of each data file under `path` (a file, a directory or a URI), sorted."""
-    import os
-
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{path}: no such file or directory")
-    if info.type == pafs.FileType.File:
-        return [(fs, root)]
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return [(fs, f.path) for f in sorted(found, key=lambda f: f.path)
-            if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_"))]
-
-
 def read_rows(path: str, job: TrainJob) -> pa.Table:
     """Raw rows of one source with provenance, limited to data.max_rows like the Ray pipeline."""
     cfg = job.data
@@ -71,7 +57,11 @@ def read_rows(path: str, job: TrainJob) -> pa.Table:
         table = load_builtin(path)
     else:
         tables = []
-        for fs, file in _files(path):
+        try:
+            files = storage.list_files(path)
+        except FileNotFoundError as e:
+            raise DataError(str(e)) from None
+        for fs, file in files:
             with fs.open_input_file(file) as f:
                 tables += list(parse_stream(f, file, cfg.resolved_format(file), cfg.header, cfg.columns))
         if not tables:
@@ -98,12 +88,23 @@ def load_validation(job: TrainJob, labels: list[str], tokenizer=None) -> Validat
     # The fingerprint covers labels and raw inputs (not token ids): packages with other tokenizers
     # scored on the same rows share it.
     h = hashlib.sha256(label.tobytes())
+    texts = None
     if spec.text_column:
-        for text in np.asarray(raw.column(spec.text_column).to_pylist(), dtype=object)[keep]:
+        texts = list(np.asarray(raw.column(spec.text_column).to_pylist(), dtype=object)[keep])
+        for text in texts:
             h.update(text.encode() + b"\0")
         input_ids, features = (enc["input_ids"][keep] if tokenizer is not None else None), None
     else:
         input_ids, features = None, enc["features"][keep]
         h.update(features.tobytes())
     split = "" if cfg.validation_path else f" (validation_fraction {cfg.validation_fraction}, seed {job.run.seed})"
-    return ValidationSet(label, input_ids, features, f"{path}{split}", h.hexdigest())
+    return ValidationSet(label, input_ids, features, f"{path}{split}", h.hexdigest(), texts)
+
+
+def sample_instances(validation: ValidationSet, n: int = 2) -> list:
+    """The first `n` validation instances as a request carries them: texts, or rows of numbers (whole
+    numbers as ints, so sample requests stay short)."""
+    if validation.texts is not None:
+        return [t for t in validation.texts if t.strip()][:n]
+    rows = validation.features[:n].tolist()
+    return [[int(x) if float(x).is_integer() else x for x in row] for row in rows]

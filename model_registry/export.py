@@ -2,16 +2,20 @@
 
     python -m ray_apps export --checkpoint runs/digits_cnn --name digits --quantize int8
 
-Steps: verify the checkpoint's sha256 manifests; load the model from safetensors; export ONNX with
+Steps: verify the checkpoint's sha256 manifests (and refuse symlinks); copy only the regular files
+those manifests list; load the model from safetensors; export ONNX with
 dynamic axes; check torch and ONNX Runtime logits agree on a validation sample (max |diff| <=
 parity_tolerance, at several batch shapes); score ONNX fp32 (and int8) on the run's whole validation
-set; refuse int8 when it loses more than max_int8_drop accuracy; publish atomically.
+set; refuse int8 when it loses more than max_int8_drop accuracy; keep two validation instances as
+sample requests; publish atomically.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -22,20 +26,36 @@ import torch
 import yaml
 from pydantic import Field
 
-from trainers.checkpoint import CheckpointError, verify_checksums
+from model_registry.package import (
+    ENGINE_FILES,
+    PACKAGE_FORMAT,
+    ExportInfo,
+    Inputs,
+    PackageMetadata,
+    Parity,
+    Quantization,
+    Source,
+    Task,
+    Training,
+    TrainingData,
+    Validation,
+    file_digests,
+    write_metadata,
+)
+from model_registry.predictor import PackageDraft, Predictor, resolve_device, score
+from model_registry.registry import NAME_PATTERN, GatePolicy, Registry
+from model_registry.validation import ValidationSet, load_validation, sample_instances
+from rayfoundry.errors import CheckpointError, ExportError
+from trainers.checkpoint import manifest_files, verify_checksums
 from trainers.config import Section, TrainJob, parse_job
-from trainers.package import PACKAGE_FORMAT, ModelPackage, Predictor, file_digests, resolve_device, score, write_metadata
-from trainers.registry import NAME_PATTERN, Registry
-from trainers.validation import ValidationSet, load_validation
+from trainers.summary import RESULT_FILE, RunSummary, parse_summary
+
+__all__ = ["ExportError", "ExportJob", "export", "resolve_checkpoint"]
 
 # Training-only files stay behind; anything pickle-based is refused outright.
 TRAINING_ONLY = ("optimizer.safetensors", "trainer_state.json", "job.yaml")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TASKS = {"text": "text-classification", "cnn": "image-classification", "mlp": "tabular-classification"}
-
-
-class ExportError(ValueError):
-    """The export was refused; the message says which check failed and by how much."""
 
 
 class ExportJob(Section):
@@ -50,29 +70,45 @@ class ExportJob(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when torch sees a GPU.")
 
 
-def resolve_checkpoint(path: str) -> tuple[Path, dict | None]:
+def resolve_checkpoint(path: str) -> tuple[Path, RunSummary | None]:
     """(checkpoint dir, run summary or None). A run directory resolves to its best checkpoint."""
     p = Path(path)
-    summary = _run_summary(p / "result.json")
+    summary = _run_summary(p / RESULT_FILE)
     if summary is not None:
-        best = summary.get("best_checkpoint") or summary.get("latest_checkpoint")
+        best = summary.best_checkpoint or summary.latest_checkpoint
         if not best:
-            raise ExportError(f"{p / 'result.json'}: the run recorded no checkpoint")
+            raise ExportError(f"{p / RESULT_FILE}: the run recorded no checkpoint")
         p = Path(best)
     else:
-        summary = _run_summary(p.parent / "result.json")
+        summary = _run_summary(p.parent / RESULT_FILE)
     if not (p / "model.safetensors").is_file():
         raise ExportError(f"{p}: neither a checkpoint (no model.safetensors) nor a run directory (no result.json)")
     return p, summary
 
 
-def _run_summary(path: Path) -> dict | None:
+def _run_summary(path: Path) -> RunSummary | None:
     """A training run's result.json; None for other files of that name (a Tune trial's is JSON lines)."""
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return parse_summary(path.read_text())
+    except (OSError, UnicodeDecodeError):
         return None
-    return summary if isinstance(summary, dict) and "run_dir" in summary else None
+
+
+def package_files(ckpt: Path) -> list[Path]:
+    """The checkpoint files a package takes: regular files that its checksum manifests list, at its top
+    level, minus training-only state. Symlinks anywhere in the checkpoint are refused, named."""
+    links = sorted(p for p in ckpt.rglob("*") if p.is_symlink())
+    if links:
+        raise CheckpointError(f"{links[0]}: a symlink in the checkpoint; export copies regular files only")
+    keep = []
+    for name in manifest_files(ckpt):
+        path = ckpt / name
+        if "/" in name or name in TRAINING_ONLY or name.startswith(("rng_rank", "checksums.")):
+            continue
+        if not stat.S_ISREG(path.lstat().st_mode):
+            raise CheckpointError(f"{path}: not a regular file; export copies regular files only")
+        keep.append(path)
+    return keep
 
 
 class _Logits(torch.nn.Module):
@@ -118,13 +154,26 @@ def check_parity(reference: Predictor, onnx: Predictor, validation: ValidationSe
     return {"rows": min(rows, len(validation)), "max_abs_logit_diff": worst, "shapes": [list(s) for s in sorted(shapes)]}
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    import logging
+class _DropRootMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" hint: measured, no gain here
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    # The quantizer logs a "consider pre-processing" hint on the root logger (measured: no gain here);
+    # drop that one record for the duration of the call, without touching logging for anyone else.
+    hint = _DropRootMessage("Please consider to run pre-processing")
+    logging.getLogger().addFilter(hint)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().removeFilter(hint)
 
 
 def library_versions() -> dict[str, str]:
@@ -140,17 +189,17 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _input_schema(job: TrainJob, label_map: dict) -> dict[str, Any]:
+def _input_schema(job: TrainJob, label_map: dict) -> Inputs:
     if job.model.type == "text":
-        return {"kind": "text", "max_length": job.data.max_length, "text_column": job.data.text_column,
-                "onnx_inputs": ["input_ids", "attention_mask"]}
+        return Inputs(kind="text", max_length=job.data.max_length, text_column=job.data.text_column,
+                      onnx_inputs=["input_ids", "attention_mask"])
     kind = "image" if job.model.type == "cnn" else "features"
     num_features = len(label_map["feature_columns"])
-    return {"kind": kind, "num_features": num_features, "feature_columns": label_map.get("feature_columns"),
-            "shape": [8, 8] if kind == "image" else [num_features], "dtype": "float32", "onnx_inputs": ["features"]}
+    return Inputs(kind=kind, num_features=num_features, feature_columns=label_map.get("feature_columns"),
+                  shape=[8, 8] if kind == "image" else [num_features], dtype="float32", onnx_inputs=["features"])
 
 
-def export(spec: ExportJob, log=print) -> dict[str, Any]:
+def export(spec: ExportJob, log=print) -> PackageMetadata:
     """Build, check and publish one package; returns its metadata (with name and version)."""
     started = time.time()
     ckpt, summary = resolve_checkpoint(spec.checkpoint)
@@ -158,6 +207,7 @@ def export(spec: ExportJob, log=print) -> dict[str, Any]:
     pickled = [p.name for p in ckpt.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickled:
         raise CheckpointError(f"{ckpt / pickled[0]}: pickle-based file in the checkpoint; packages hold safetensors only")
+    files = package_files(ckpt)
     job = parse_job(yaml.safe_load((ckpt / "job.yaml").read_text()), str(ckpt / "job.yaml"))
     label_map = json.loads((ckpt / "label_map.json").read_text())
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -166,34 +216,30 @@ def export(spec: ExportJob, log=print) -> dict[str, Any]:
 
     registry = Registry(spec.registry)
     with registry.staging(spec.name) as staging:
-        for item in ckpt.iterdir():
-            if item.is_file() and item.name not in TRAINING_ONLY and not item.name.startswith(("rng_rank", "checksums.")):
-                shutil.copy2(item, staging / item.name)
-        meta: dict[str, Any] = {"format_version": PACKAGE_FORMAT, "task": {"type": TASKS[job.model.type], "labels": labels},
-                                "inputs": _input_schema(job, label_map), "files": {"model.safetensors": {}}}
-        draft = ModelPackage(staging, meta)  # unverified while it is being built; `files` names its engines
+        for item in files:
+            shutil.copyfile(item, staging / item.name)
+        draft = PackageDraft(staging, _input_schema(job, label_map), labels, {ENGINE_FILES["torch"]})
         reference = Predictor(draft, "torch", device)
         validation = load_validation(job, labels, reference.tokenizer)
-        num_features = meta["inputs"].get("num_features")
 
-        export_onnx(reference.model, job.model.type, num_features, staging / "model.onnx", spec.opset, device)
-        meta["files"]["model.onnx"] = {}
+        export_onnx(reference.model, job.model.type, draft.inputs.num_features, staging / "model.onnx", spec.opset, device)
+        draft.files.add(ENGINE_FILES["onnx"])
         onnx = Predictor(draft, "onnx", device)
-        parity = check_parity(reference, onnx, validation, spec.parity_rows) | {"tolerance": spec.parity_tolerance,
-                                                                              "device": device}
-        log(f"  parity: max |torch - onnx| logit diff {parity['max_abs_logit_diff']:.2e} over {parity['rows']} rows")
-        if parity["max_abs_logit_diff"] > spec.parity_tolerance:
-            raise ExportError(f"parity: ONNX logits differ from torch by {parity['max_abs_logit_diff']:.3g} "
-                              f"(> {spec.parity_tolerance:g}) on {parity['rows']} validation rows; export refused")
+        measured = check_parity(reference, onnx, validation, spec.parity_rows)
+        parity = Parity(**measured, tolerance=spec.parity_tolerance, device=device)
+        log(f"  parity: max |torch - onnx| logit diff {parity.max_abs_logit_diff:.2e} over {parity.rows} rows")
+        if parity.max_abs_logit_diff > spec.parity_tolerance:
+            raise ExportError(f"parity: ONNX logits differ from torch by {parity.max_abs_logit_diff:.3g} "
+                              f"(> {spec.parity_tolerance:g}) on {parity.rows} validation rows; export refused")
         metrics = {"onnx": score(onnx, validation)}
         log(f"  onnx fp32: {job.checkpoint.metric} {metrics['onnx'][job.checkpoint.metric]:.4f} on {len(validation)} rows")
 
+        drop = None
         if spec.quantize == "int8":
             quantize_int8(staging / "model.onnx", staging / "model.int8.onnx")
-            meta["files"]["model.int8.onnx"] = {}
+            draft.files.add(ENGINE_FILES["onnx-int8"])
             metrics["onnx-int8"] = score(Predictor(draft, "onnx-int8", "cpu"), validation)
             drop = metrics["onnx"]["val_accuracy"] - metrics["onnx-int8"]["val_accuracy"]
-            metrics["int8_accuracy_drop"] = drop
             log(f"  onnx int8: val_accuracy {metrics['onnx-int8']['val_accuracy']:.4f} (drop {drop * 100:+.2f} points, "
                 f"bound {spec.max_int8_drop * 100:.2f})")
             if drop > spec.max_int8_drop:
@@ -201,51 +247,61 @@ def export(spec: ExportJob, log=print) -> dict[str, Any]:
                                   f"({metrics['onnx']['val_accuracy']:.4f} -> {metrics['onnx-int8']['val_accuracy']:.4f}), "
                                   f"more than max_int8_drop {spec.max_int8_drop * 100:.2f}; export refused")
 
-        reported = state["history"][-1] if state.get("history") else {}
-        meta |= {
-            "source": {"checkpoint": str(ckpt.resolve()), "run_dir": summary.get("run_dir") if summary else None,
-                       "run_id": summary.get("run_id") if summary else None, "epoch": state.get("epoch"),
-                       "global_step": state.get("global_step"), "strategy": job.strategy.name},
-            "training": {"config": json.loads(job.model_dump_json()), "reported_metrics": reported,
-                         "data": {"train_path": job.data.train_path, "train_rows": summary.get("train_rows") if summary else None}},
-            "validation": {"source": validation.source, "rows": len(validation), "fingerprint": validation.fingerprint,
-                           "metric": job.checkpoint.metric, "mode": job.checkpoint.resolved_mode, "metrics": metrics},
-            "parity": parity,
-            "export": {"exporter": "torch.onnx.export (TorchScript)", "opset": spec.opset, "device": device,
-                       "quantization": {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-                                        "max_accuracy_drop": spec.max_int8_drop} if spec.quantize == "int8" else None,
-                       "seconds": round(time.time() - started, 2)},
-            "libraries": library_versions(),
-        }
+        fields: dict[str, Any] = dict(  # noqa: C408 - keyword form reads like the metadata it builds
+            format_version=PACKAGE_FORMAT, task=Task(type=TASKS[job.model.type], labels=labels), inputs=draft.inputs,
+            samples=sample_instances(validation),
+            source=Source(checkpoint=str(ckpt.resolve()), run_dir=summary.run_dir if summary else None,
+                          run_id=summary.run_id if summary else None, epoch=state.get("epoch"),
+                          global_step=state.get("global_step"), strategy=job.strategy.name),
+            training=Training(config=json.loads(job.model_dump_json()),
+                              reported_metrics=state["history"][-1] if state.get("history") else {},
+                              data=TrainingData(train_path=job.data.train_path,
+                                                train_rows=summary.train_rows if summary else None)),
+            validation=Validation(source=validation.source, rows=len(validation), fingerprint=validation.fingerprint,
+                                  metric=job.checkpoint.metric, mode=job.checkpoint.resolved_mode, metrics=metrics,
+                                  int8_accuracy_drop=drop),
+            parity=parity,
+            export=ExportInfo(exporter="torch.onnx.export (TorchScript)", opset=spec.opset, device=device,
+                              quantization=Quantization(method="onnxruntime.quantization.quantize_dynamic",
+                                                        weight_type="QInt8", max_accuracy_drop=spec.max_int8_drop)
+                              if spec.quantize == "int8" else None,
+                              seconds=round(time.time() - started, 2)),
+            libraries=library_versions(),
+        )
+        published: list[PackageMetadata] = []
 
         def finalize(directory: Path, name: str, version: str) -> None:
-            meta.update(name=name, version=version, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            (directory / "README.md").write_text(model_card(meta))
-            meta["files"] = file_digests(directory, [p.name for p in directory.iterdir() if p.is_file()])
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            card = PackageMetadata(name=name, version=version, created_at=created, files={}, **fields)
+            (directory / "README.md").write_text(model_card(card))
+            names = [p.name for p in directory.iterdir() if p.is_file() and not p.is_symlink()]
+            meta = card.model_copy(update={"files": file_digests(directory, names)})
             write_metadata(directory, meta)
+            published.append(meta)
 
-        version = registry.publish(spec.name, staging, finalize)
+        policy = GatePolicy(metric=job.checkpoint.metric, mode=job.checkpoint.resolved_mode)
+        version = registry.publish(spec.name, staging, finalize, policy)
     log(f"  published {spec.name}:{version} in {time.time() - started:.0f}s")
-    return meta
+    return published[0]
 
 
-def model_card(meta: dict[str, Any]) -> str:
-    v = meta["validation"]
+def model_card(meta: PackageMetadata) -> str:
+    v = meta.validation
     rows = [f"| {engine} | {m['val_accuracy']:.4f} | {m['val_macro_f1']:.4f} | {m['val_loss']:.4f} |"
-            for engine, m in v["metrics"].items() if isinstance(m, dict)]
-    cfg = meta["training"]["config"]
+            for engine, m in v.metrics.items()]
+    cfg = meta.training.config
     return "\n".join([
-        f"# {meta['name']}:{meta['version']}", "",
-        f"{meta['task']['type']} over {len(meta['task']['labels'])} labels: {', '.join(meta['task']['labels'][:20])}.",
-        f"Model: `{cfg['model']['type']}`; trained with {meta['source']['strategy']} to epoch {meta['source']['epoch']} "
-        f"on `{cfg['data']['train_path']}` ({meta['training']['data']['train_rows']} rows).", "",
-        f"## Validation ({v['rows']} rows of {v['source']})", "",
+        f"# {meta.name}:{meta.version}", "",
+        f"{meta.task.type} over {len(meta.task.labels)} labels: {', '.join(meta.task.labels[:20])}.",
+        f"Model: `{cfg['model']['type']}`; trained with {meta.source.strategy} to epoch {meta.source.epoch} "
+        f"on `{meta.training.data.train_path}` ({meta.training.data.train_rows} rows).", "",
+        f"## Validation ({v.rows} rows of {v.source})", "",
         "| engine | accuracy | macro-F1 | loss |", "| --- | --- | --- | --- |", *rows, "",
-        f"Parity: max |torch - ONNX| logit difference {meta['parity']['max_abs_logit_diff']:.2e} on "
-        f"{meta['parity']['rows']} rows (bound {meta['parity']['tolerance']:g}).", "",
+        f"Parity: max |torch - ONNX| logit difference {meta.parity.max_abs_logit_diff:.2e} on "
+        f"{meta.parity.rows} rows (bound {meta.parity.tolerance:g}).", "",
         "## Limits", "",
         "Measured only on the validation rows above; inputs unlike them are untested"
-        + (f" (other domains or languages; text beyond {cfg['data']['max_length']} tokens is truncated)."
-           if cfg["model"]["type"] == "text" else " (other sources, scales or preprocessing of the features)."),
+        + (f" (other domains or languages; text beyond {meta.inputs.max_length} tokens is truncated)."
+           if meta.inputs.kind == "text" else " (other sources, scales or preprocessing of the features)."),
         "Created by `python -m ray_apps export`; `metadata.json` holds the full record and every file's sha256.", "",
     ])

@@ -1,96 +1,30 @@
-"""A model package: the directory export writes and serving loads. Verified before use; never unpickled.
-
-Layout (format 1):
-  model.safetensors, config.json    the torch model (text: a transformers directory)
-  model.onnx                        fp32 graph, dynamic batch (and sequence) axes, output `logits`
-  model.int8.onnx                   optional; onnxruntime dynamic int8 quantization
-  tokenizer files                   text models
-  label_map.json                    labels in id order, the input columns they came from
-  README.md                         the model card, for people
-  metadata.json                     the model card, for programs: task, inputs, source run, training
-                                    config and data, validation metrics, parity, sha256 of each file
-  metadata.json.sha256              sha256 of metadata.json itself
-
-`Predictor` turns instances (texts, 8x8 images, feature rows) into logits with one engine:
+"""`Predictor`: instances (texts, 8x8 images, feature rows) -> logits with one engine of a package:
 onnx, onnx-int8 or torch. Export, the promotion gate and serving all score through it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from trainers.checkpoint import sha256
-
-PACKAGE_FORMAT = 1
-METADATA = "metadata.json"
-ENGINE_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torch": "model.safetensors"}
-Engine = Literal["onnx", "onnx-int8", "torch"]
-
-
-class PackageError(ValueError):
-    """A package is missing a file, or a file is truncated or altered; the message names the file."""
-
-
-def file_digests(directory: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"sha256": sha256(directory / n), "bytes": (directory / n).stat().st_size} for n in sorted(names)}
-
-
-def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
-    """metadata.json, then its own digest: the last files written, so their presence marks a whole package."""
-    (directory / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=False))
-    (directory / f"{METADATA}.sha256").write_text(sha256(directory / METADATA) + "\n")
-
-
-def verify_package(directory: Path) -> dict[str, Any]:
-    """Check metadata.json against its digest and every listed file against its sha256 and size."""
-    meta_path, digest_path = directory / METADATA, directory / f"{METADATA}.sha256"
-    for path in (meta_path, digest_path):
-        if not path.is_file():
-            raise PackageError(f"{path}: missing; not a complete model package")
-    if sha256(meta_path) != digest_path.read_text().strip():
-        raise PackageError(f"{meta_path}: sha256 mismatch; the file is truncated or altered")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != PACKAGE_FORMAT:
-        raise PackageError(f"{meta_path}: package format {meta.get('format_version')!r}, this code reads {PACKAGE_FORMAT}")
-    for name, want in meta["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise PackageError(f"{path}: missing from package (listed in {METADATA})")
-        if path.stat().st_size != want["bytes"] or sha256(path) != want["sha256"]:
-            raise PackageError(f"{path}: sha256 mismatch; the file is truncated or altered")
-    return meta
+from model_registry.package import ENGINE_FILES, Engine, Inputs, PackageError
 
 
 @dataclass
-class ModelPackage:
+class PackageDraft:
+    """A package being built in staging: what a `Predictor` needs before metadata.json exists."""
+
     path: Path
-    metadata: dict[str, Any]
-
-    @classmethod
-    def open(cls, path: str | Path) -> ModelPackage:
-        path = Path(path)
-        return cls(path, verify_package(path))
-
-    @property
-    def ref(self) -> str:
-        return f"{self.metadata['name']}:{self.metadata['version']}"
-
-    @property
-    def labels(self) -> list[str]:
-        return self.metadata["task"]["labels"]
-
-    @property
-    def inputs(self) -> dict[str, Any]:
-        return self.metadata["inputs"]
+    inputs: Inputs
+    labels: list[str]
+    files: set[str] = field(default_factory=set)
 
     def engines(self) -> list[str]:
-        return [e for e, f in ENGINE_FILES.items() if f in self.metadata["files"]]
+        return [e for e, f in ENGINE_FILES.items() if f in self.files]
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -120,15 +54,16 @@ def onnx_session(path: Path, device: str = "cpu", intra_op_threads: int = 0, spi
 
 
 class Predictor:
-    """Instances -> logits [B, num_labels] with one engine of a verified package."""
+    """Instances -> logits [B, num_labels] with one engine of a verified `ModelPackage` (or a
+    `PackageDraft` during export)."""
 
-    def __init__(self, package: ModelPackage, engine: Engine = "onnx", device: str = "auto", intra_op_threads: int = 0,
+    def __init__(self, package, engine: Engine = "onnx", device: str = "auto", intra_op_threads: int = 0,
                  spinning: bool = True):
         if engine not in package.engines():
             raise PackageError(f"{package.path}: no {ENGINE_FILES[engine]} in this package "
                                f"(engines: {', '.join(package.engines())})")
         self.package, self.engine, self.device = package, engine, resolve_device(device)
-        self.kind = package.inputs["kind"]
+        self.kind = package.inputs.kind
         self.tokenizer = None
         if self.kind == "text":
             from transformers import AutoTokenizer
@@ -155,7 +90,7 @@ class Predictor:
         """Texts -> input_ids/attention_mask padded to the longest; rows -> float32 features [B, F]."""
         if self.kind == "text":
             enc = self.tokenizer(list(instances), padding=True, truncation=True,
-                                 max_length=self.package.inputs["max_length"], return_tensors="np")
+                                 max_length=self.package.inputs.max_length, return_tensors="np")
             return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
         return {"features": np.asarray(instances, dtype=np.float32).reshape(len(instances), -1)}
 

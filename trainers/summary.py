@@ -1,0 +1,55 @@
+"""`RunSummary`: what a finished training run hands the next stage, stored as `<run_dir>/result.json`.
+
+Export resolves a run directory to its best checkpoint through it, `train --json-out` writes it,
+and a rerun compares its stored config with the new one. No Ray here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+RUN_SUMMARY_FORMAT = 1
+RESULT_FILE = "result.json"
+CONFIG_FILE = "job.json"  # the resolved TrainJob a run was started with, written before its first epoch
+
+
+class RunSummary(BaseModel):
+    """One training run's result; `status` is `dry_run` for `--dry-run`, which writes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = Field(RUN_SUMMARY_FORMAT, description="Layout of this record.")
+    job: str = Field(description="Run name (run.name).")
+    status: Literal["finished", "dry_run"] = "finished"
+    run_dir: str | None = Field(None, description="<storage_path>/<name>: checkpoints, failures, this file.")
+    run_id: str | None = Field(None, description="Id of the driver invocation that finished the run.")
+    restarts: int = Field(0, description="Worker-group failures Ray Train recovered from in that invocation.")
+    epochs_completed: int | None = None
+    global_step: int | None = None
+    final_metrics: dict[str, Any] = Field(default_factory=dict, description="The last epoch's report (metrics, resume notes).")
+    best_metrics: dict[str, Any] = Field(default_factory=dict, description="The best checkpoint's report.")
+    best_checkpoint: str | None = Field(None, description="Best checkpoint by checkpoint.metric.")
+    latest_checkpoint: str | None = None
+    use_gpu: bool = False
+    num_workers: int = 1
+    init_checkpoint: str | None = Field(None, description="Another run's checkpoint this run started from (PBT).")
+    labels: list[str] = Field(default_factory=list, description="Class labels in id order.")
+    train_rows: int | None = None
+    val_rows: int | None = None
+    skipped_rows: int = 0
+    wall_seconds: float | None = None
+    samples_per_s: float | None = None
+    config: dict[str, Any] | None = Field(None, description="The resolved TrainJob, as JSON.")
+
+    def best_value(self, metric: str) -> float:
+        return self.best_metrics.get(metric, float("nan"))
+
+
+def parse_summary(text: str) -> RunSummary | None:
+    """A run's result.json, or None for another file of that name (a Tune trial's is JSON lines)."""
+    try:
+        return RunSummary.model_validate_json(text)
+    except ValidationError:
+        return None
