@@ -31,11 +31,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model_registry.package import COMMIT_MARKER, METADATA, Metric, ModelPackage, PackageMetadata, read_metadata
 from rayfoundry import storage
-from rayfoundry.errors import GateRefused, PackageError, RegistryError
+from rayfoundry.errors import GateRefused, PackageError, RegistryError, describe_validation_error
 
 __all__ = ["GATED_ALIAS", "NAME_PATTERN", "Event", "GatePolicy", "GateRefused", "GateResult", "Registry",
            "RegistryError", "RegistryState", "parse_ref"]
@@ -335,8 +335,8 @@ class Registry:
             raise RegistryError(f"{name}: changing the gate policy needs --force and --reason (it is recorded)")
         try:
             new = GatePolicy(metric=metric, mode=mode)
-        except ValueError as e:
-            raise RegistryError(f"{name}: {str(e).splitlines()[-1].removeprefix('  Value error, ')}") from None
+        except ValidationError as e:
+            raise RegistryError(describe_validation_error(e, f"{name}: policy")) from None
         with self._lock(name):
             state = self.state(name)
             old = self.policy(name, state)

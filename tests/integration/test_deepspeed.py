@@ -13,6 +13,8 @@ from model_registry.export import ExportJob, export
 from tests.conftest import assert_checkpoint_reproduces_reported_metrics, tiny_text_job
 from trainers.run import train
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
+
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_consolidates_and_exports(ray_cluster, shared_data, tmp_path, stage):

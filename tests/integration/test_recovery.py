@@ -17,6 +17,8 @@ from trainers.config import load_job
 from trainers.recovery import FAULT_ENV
 from trainers.run import train
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
+
 DIGITS = REPO / "ray_apps" / "configs" / "digits_cnn.yaml"
 
 

@@ -16,6 +16,8 @@ import requests
 from model_registry.export import ExportJob, export
 from tests.builders import job_for, make_checkpoint
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
+
 DIGIT_ROW = [0.0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8,
              8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10,
              0, 0, 0]  # sklearn digits row 0, a "0"

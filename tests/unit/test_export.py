@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,24 +22,8 @@ from model_registry.package import ModelPackage, PackageError
 from model_registry.predictor import Predictor, score
 from model_registry.registry import GateRefused, Registry, RegistryError
 from model_registry.validation import load_validation
-from tests.builders import job_for, make_checkpoint
 from tests.conftest import REPO
 from trainers.config import parse_job
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("ckpts")
-    return {kind: make_checkpoint(tmp / kind, job_for(kind, tmp), epochs=3) for kind in ("cnn", "mlp", "text")}
-
-
-@pytest.fixture(scope="module")
-def weak_cnn(tmp_path_factory) -> Path:
-    """The CNN after one step's worth of training: clearly worse than `checkpoints['cnn']`."""
-    tmp = tmp_path_factory.mktemp("weak")
-    raw = job_for("cnn", tmp)
-    raw["optim"] = {"lr": 1e-5, "batch_size": 32}
-    return make_checkpoint(tmp / "weak", raw, epochs=1, seed=1)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "mlp", "text"])
