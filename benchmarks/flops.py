@@ -1,11 +1,31 @@
-"""Shared yardsticks for the benchmarks: a large-matmul FLOP/s peak measured in the same run, and
-the MiniLM classifier's parameter count for FLOP estimates."""
+"""Shared yardsticks for the benchmarks: the machine they ran on, a large-matmul FLOP/s peak measured
+in the same run, and the MiniLM classifier's parameter count for FLOP estimates."""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
+
+
+def machine() -> str:
+    """CPU model, cores and memory, as every benchmark prints and records them: machines differ."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = float("nan")
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB"
 
 
 def matmul_peak_flops(threads: int = 2, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
-from benchmarks.flops import matmul_peak_flops, non_embedding_params  # noqa: E402
+from benchmarks.flops import machine, matmul_peak_flops, non_embedding_params  # noqa: E402
 from benchmarks.sst2_package import DEFAULT_CHECKPOINT, DEFAULT_REGISTRY, bench_package, checkpoint_or_train  # noqa: E402
 
 ENGINES = {  # label -> (package engine, bf16 autocast)
@@ -81,6 +79,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--seqs", default="64,128")
     args = p.parse_args()
+    print(f"machine: {machine()}", flush=True)
     from rayfoundry.ray_env import quiet_process
 
     quiet_process()
@@ -117,7 +116,7 @@ def main() -> None:
                 print(f"  batch {batch:>2} seq {seq:>3}  {label:<20} p50 {cells[-1]['p50_ms']:8.2f} ms  "
                       f"{sps:8.1f} seq/s  x{sps / base:.2f}", flush=True)
 
-    job = parse_job(pkg.metadata["training"]["config"])
+    job = parse_job(pkg.metadata.training.config)
     validation = load_validation(job, pkg.labels, predictors["torch eager fp32"].tokenizer)
     accuracy = {}
     for label, (_, autocast) in ENGINES.items():
@@ -125,7 +124,7 @@ def main() -> None:
             accuracy[label] = score(predictors[label], validation)["val_accuracy"]
 
     print(f"\nMiniLM-L6 classifier ({n_params / 1e6:.1f}M non-embedding params), {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}; large-matmul peak {peak / 1e9:.0f} GFLOP/s fp32, "
+          f"{machine()}; large-matmul peak {peak / 1e9:.0f} GFLOP/s fp32, "
           f"{peak_bf16 / 1e9:.0f} GFLOP/s bf16 (FLOP/s column: fraction of the fp32 peak)\n")
     print("| batch | seq | engine | p50 ms | p99 ms | seq/s | ratio to torch eager | FLOP/s / matmul peak |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -139,7 +138,7 @@ def main() -> None:
         print(f"| {label} | {acc:.4f} | {100 * (acc - fp32):+.2f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "inference_engines.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "torch": torch.__version__, "package": pkg.ref, "checkpoint": str(ckpt), "threads": args.threads,
         "matmul_peak_flops": peak, "matmul_peak_flops_bf16": peak_bf16, "non_embedding_params": n_params, "cells": cells,
         "accuracy": accuracy, "validation_rows": len(validation), "validation_source": validation.source,

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
+from benchmarks.flops import machine  # noqa: E402
 from benchmarks.sst2_package import DEFAULT_CHECKPOINT, DEFAULT_REGISTRY, bench_package, checkpoint_or_train  # noqa: E402
 
 
@@ -203,6 +203,7 @@ def main() -> None:
     p.add_argument("--loadgen", help=argparse.SUPPRESS)
     p.add_argument("--texts", help=argparse.SUPPRESS)
     args = p.parse_args()
+    print(f"machine: {machine()}", flush=True)
     if args.loadgen:
         texts = json.loads(Path(args.texts).read_text())
         print(json.dumps(asyncio.run(closed_loop(args.loadgen, texts, int(args.concurrency), args.seconds))))
@@ -215,7 +216,7 @@ def main() -> None:
     pkg = bench_package(checkpoint_or_train(args.checkpoint), args.registry)
     from trainers.config import parse_job
 
-    job = parse_job(pkg.metadata["training"]["config"])
+    job = parse_job(pkg.metadata.training.config)
     rows = read_rows(job.data.validation_path or job.data.train_path, job)
     texts = [t for t in rows.column(job.data.text_column).to_pylist() if t]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -228,7 +229,7 @@ def main() -> None:
     os.unlink(f.name)
 
     a, b, c = results["(a) Serve, batching"], results["(b) Serve, no batching"], results["(c) FastAPI + torch eager"]
-    print(f"\nSST-2 MiniLM-L6 ({pkg.ref}, engine {args.engine}), {os.cpu_count()} cores, {args.seconds:g}s per level; "
+    print(f"\nSST-2 MiniLM-L6 ({pkg.ref}, engine {args.engine}), {machine()}, {args.seconds:g}s per level; "
           f"(d) offline {offline:.1f} seq/s\n")
     print("| concurrency | arm | QPS | p50 ms | p99 ms | errors | mean batch |\n"
           "| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -251,7 +252,7 @@ def main() -> None:
         print(f"\nmodel replica wall time: tokenizer {w['tokenizer'] / secs:.0%}, engine {w['engine'] / secs:.0%} of the run")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "package": pkg.ref,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "package": pkg.ref,
         "engine": args.engine, "seconds": args.seconds, "offline_seq_per_s": offline, "arms": results,
         "cpu_breakdown_a_c32": breakdown, "args": {k: v for k, v in vars(args).items() if k not in ("loadgen", "texts")},
     }, indent=2, default=str))

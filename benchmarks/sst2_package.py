@@ -30,8 +30,8 @@ def bench_package(ckpt: Path, registry: str):
     reg, source = Registry(registry), str(resolve_checkpoint(str(ckpt))[0].resolve())
     for version in reversed(reg.versions("sst2-bench")):
         meta = reg.metadata("sst2-bench", version)
-        if meta["source"]["checkpoint"] == source and "model.int8.onnx" in meta["files"]:
+        if meta.source.checkpoint == source and "onnx-int8" in meta.engines():
             return reg.open(f"sst2-bench:{version}")
     meta = export(ExportJob(checkpoint=str(ckpt), name="sst2-bench", registry=registry, quantize="int8",
                             max_int8_drop=1.0))  # record the int8 drop here, never refuse
-    return reg.open(f"sst2-bench:{meta['version']}")
+    return reg.open(meta.ref)

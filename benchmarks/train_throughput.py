@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
-from benchmarks.flops import matmul_peak_flops, non_embedding_params  # noqa: E402
+from benchmarks.flops import machine, matmul_peak_flops, non_embedding_params  # noqa: E402
 
 
 def job_for(strategy: dict, args) -> object:
@@ -181,6 +180,7 @@ def main() -> None:
     parser.add_argument("--torchrun-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--torchrun-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.torchrun_worker:
@@ -218,9 +218,9 @@ def main() -> None:
     ratio = next(r["ratio_to_torchrun"] for r in rows if r["setup"].startswith("(a)"))
     print(f"\n(a)/(b) = {ratio:.3f} (target >= 0.95): {'met' if ratio >= 0.95 else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}", "matmul_peak_flops": peak, "args": vars(args), "rows": rows}, indent=2))
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": f"{machine()}, torch {torch.__version__}",
+              "matmul_peak_flops": peak, "args": vars(args), "rows": rows}
+    (RESULTS / "train_throughput.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.flops import machine  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 
 SPACE = {"optim.lr": {"loguniform": [1.0e-4, 2.0e-2]}, "model.hidden": {"choice": [32, 64, 128]},
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.96, help="validation accuracy to reach")
     p.add_argument("--noop", type=int, default=6, help="no-op trials per overhead measurement")
     args = p.parse_args()
+    print(f"machine: {machine()}", flush=True)
 
     from rayfoundry.ray_env import connect_ray, quiet_process
 
@@ -137,8 +139,7 @@ def main() -> None:
     print(f"per-trial overhead (2 at once): no-op Tune trial {noop:.1f} s; no-op trial with a 1-worker "
           f"TorchTrainer {noop_train:.1f} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} CPUs", "args": vars(args), "rows": rows, "ratios": ratio,
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "args": vars(args), "rows": rows, "ratios": ratio,
            "noop_trial_s": noop, "noop_train_trial_s": noop_train,
            "timelines": {a["arm"]: a["events"] for a in arms}}
     (RESULTS / "tune_efficiency.json").write_text(json.dumps(out, indent=2))
