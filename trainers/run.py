@@ -75,8 +75,6 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         log(f"{job.run.name} already finished {previous.epochs_completed} epochs; "
             f"--restart trains again, --set run.epochs=N continues")
         return previous
-    if not dry_run:
-        storage.write_text(storage.join(out_dir, CONFIG_FILE), job.model_dump_json(indent=2))
 
     if dry_run:
         job = job.model_copy(deep=True)
@@ -94,6 +92,8 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         f"{world} worker(s) x batch {job.micro_batch_size} x accum {job.optim.grad_accum_steps}, "
         f"{steps_per_epoch} steps/epoch")
 
+    if not dry_run:  # the data checked out: from here on the run directory belongs to this config
+        storage.write_text(storage.join(out_dir, CONFIG_FILE), job.model_dump_json(indent=2))
     run_id = new_run_id()
     use_gpu = job.scaling.use_gpu
     if use_gpu == "auto":

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, assert_checkpoint_reproduces_reported_metrics, tiny_text_job
 from trainers.run import train
 
@@ -20,7 +22,7 @@ def test_ddp_digits_reaches_95_percent_and_writes_result(digits_run):
     assert summary.best_metrics["val_accuracy"] >= 0.95
     assert summary.epochs_completed == job.run.epochs
     on_disk = json.loads((storage / "digits_cnn" / "result.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk == summary.model_dump(mode="json")
     for key in ("final_metrics", "best_checkpoint", "wall_seconds", "samples_per_s"):
         assert on_disk[key]
     best = Path(summary.best_checkpoint)
@@ -31,6 +33,7 @@ def test_ddp_digits_reaches_95_percent_and_writes_result(digits_run):
     assert len(kept) == job.checkpoint.keep
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: `make test-fast` skips it
 def test_tiny_bert_on_sst2_slice_checkpoint_loads_with_from_pretrained(ray_cluster, shared_data, tmp_path):
     job = tiny_text_job(shared_data, tmp_path)
     summary = train(job)
