@@ -20,6 +20,7 @@ import time
 
 from ray_apps.options import add_registry
 
+APP_NAME = "rayfoundry"
 EPILOG = """The same application deploys declaratively: cluster_configs/serve/digits.yaml
 (`serve deploy`). Endpoints: POST /v1/models/NAME:predict {"instances": [...]}; GET /v2/health/ready;
 GET /v2/models/NAME; POST /v2/models/NAME/infer (KServe V2, JSON or binary tensors); GET
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})  # the proxy's access log too
-    serve.run(app, name="rayfoundry", route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"serving {', '.join(p.ref for p in packages)} at {base} (engine {args.engine})")
     for pkg in packages:
@@ -80,13 +81,21 @@ def run(args: argparse.Namespace) -> int:
               {"inputs": [{"name": "text" if datatype == "BYTES" else "features", "shape": shape,
                            "datatype": datatype, "data": data}]})
     _show("GET", f"{base}/v2/health/ready", None)
-    if args.no_wait:
-        serve.shutdown()
-        return 0
-    print("\nserving until Ctrl-C")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    if not args.no_wait:
+        print("\nserving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    # Remove this application only: on a shared cluster other Serve apps keep running. A local Ray this
+    # process started ends with it, Serve's controller included (serve.shutdown() would kill the
+    # controller while its own graceful-shutdown task is still pending, which the raylet reports).
+    import logging
+
+    import ray
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line for a delete the user asked for
+    serve.delete(APP_NAME)
+    ray.shutdown()
     return 0
