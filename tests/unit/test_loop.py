@@ -38,6 +38,19 @@ def test_train_epoch_lowers_loss_and_counts_steps_with_accumulation():
     assert engine.global_step == 36
 
 
+def test_both_engines_declare_the_engine_interface():
+    import inspect
+
+    from trainers.strategy import ENGINES, Engine
+
+    assert isinstance(LocalEngine(TabularMLP(4, 3, [8], 0.0), OptimSection(), total_steps=1), Engine)
+    wanted = [m for m in dir(Engine) if not m.startswith("_")]
+    for name, cls in ENGINES.items():  # DeepSpeed needs a process group to build; check its methods
+        missing = [m for m in wanted if m not in ("model", "optimizer", "scheduler", "global_step") and not hasattr(cls, m)]
+        assert not missing, f"{name}: {missing}"
+        assert list(inspect.signature(cls).parameters)[:4] == ["model", "optim_cfg", "strategy_cfg", "total_steps"]
+
+
 def test_on_step_sees_running_totals_after_each_optimizer_step():
     seen = []
     engine = LocalEngine(TabularMLP(4, 3, [8], 0.0), OptimSection(), total_steps=10)
