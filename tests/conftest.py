@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -84,3 +85,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Trained once per session, shared by the unit and serving tests: real checkpoints (written by the
+    training code's own save_checkpoint) of a CNN on digits, an MLP on breast cancer and a tiny BERT on
+    synthetic reviews, each trained a few epochs in this process."""
+    from tests.builders import job_for, make_checkpoint
+
+    tmp = tmp_path_factory.mktemp("ckpts")
+    with _one_thread():
+        return {kind: make_checkpoint(tmp / kind, job_for(kind, tmp), epochs=3) for kind in ("cnn", "mlp", "text")}
+
+
+@pytest.fixture(scope="session")
+def weak_cnn(tmp_path_factory) -> Path:
+    """The CNN after one step's worth of training: clearly worse than `checkpoints['cnn']`."""
+    from tests.builders import job_for, make_checkpoint
+
+    tmp = tmp_path_factory.mktemp("weak")
+    raw = job_for("cnn", tmp)
+    raw["optim"] = {"lr": 1e-5, "batch_size": 32}
+    with _one_thread():
+        return make_checkpoint(tmp / "weak", raw, epochs=1, seed=1)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny models train fastest on one thread (and do not stall when Ray workers share the CPUs)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

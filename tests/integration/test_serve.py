@@ -14,7 +14,6 @@ import pytest
 import requests
 
 from model_registry.export import ExportJob, export
-from tests.builders import job_for, make_checkpoint
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
 
@@ -44,7 +43,7 @@ def deploy_config(registry, digits_user_config: dict | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
+def service(ray_cluster, tmp_path_factory, checkpoints):
     """Digits (CNN) and a tiny-BERT review classifier, exported and served; yields (url, registry)."""
     from ray import serve
 
@@ -53,8 +52,7 @@ def service(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     registry = tmp / "registry"
     for kind, name in (("cnn", "digits"), ("text", "reviews")):
-        export(ExportJob(checkpoint=str(make_checkpoint(tmp / kind, job_for(kind, tmp), epochs=3)), name=name,
-                         registry=str(registry)), log=lambda *_: None)
+        export(ExportJob(checkpoint=str(checkpoints[kind]), name=name, registry=str(registry)), log=lambda *_: None)
     Registry(str(registry)).promote("digits:1", "champion")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
