@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayfoundry.errors import ConfigError, describe_validation_error
 from serve_deployments.config import ServeArgs
+from serve_deployments.instances import InstanceError, InstanceSpec
 from serve_deployments.model import LATENCY_BUCKETS, ModelServer
 from serve_deployments.protocol import BINARY_HEADER, ApiError, parse_json, parse_v2, v1_instances, v2_response
 
@@ -55,6 +56,8 @@ class Gateway:
         from ray.serve import metrics
 
         self.models, self.info, self.limits = models, info, limits
+        self.specs = {n: InstanceSpec(n, i["kind"], i["num_features"], limits["max_text_chars"]) for n, i in info.items()}
+        self.bodies_in_flight = 0
         self.requests = metrics.Counter("rayfoundry_requests_total", "Requests by model, version and status.",
                                         tag_keys=("model", "version", "status", "protocol"))
         self.latency = metrics.Histogram("rayfoundry_request_latency_seconds", "Ingress-to-answer time.",
@@ -70,28 +73,53 @@ class Gateway:
         return info
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body, within max_body_bytes (413) and body_timeout_s (408); at most
+        max_bodies_in_flight bodies are read at once (503), so slow clients cannot hold every slot."""
         limit = self.limits["max_body_bytes"]
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes; the limit is {limit}")
+        if self.bodies_in_flight >= self.limits["max_bodies_in_flight"]:
+            raise ApiError(503, f"{self.bodies_in_flight} request bodies are being received; retry shortly")
+        self.bodies_in_flight += 1
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body over the limit of {limit} bytes")
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise ApiError(413, f"request body over the limit of {limit} bytes")
+
+        try:
+            await asyncio.wait_for(read(), self.limits["body_timeout_s"])
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.limits['body_timeout_s']:g}s "
+                                f"({len(body)} bytes arrived)") from None
+        finally:
+            self.bodies_in_flight -= 1
         return bytes(body)
+
+    def _instances(self, info: dict, instances: Any) -> Any:
+        """Count and check the instances before they are queued: a bad one is this request's 422 only."""
+        if len(instances) > self.limits["max_instances"]:
+            raise ApiError(422, f"instances: {len(instances)} instances; the limit is "
+                                f"{self.limits['max_instances']} per request")
+        try:
+            return self.specs[info["name"]].check(instances)
+        except InstanceError as e:
+            raise ApiError(422, str(e)) from None
 
     async def _predict(self, info: dict, instances: Any, protocol: str) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
         name, started, status = info["name"], time.perf_counter(), 500
         try:
-            if len(instances) > self.limits["max_instances"]:
-                raise ApiError(422, f"instances: {len(instances)} instances; the limit is "
-                                    f"{self.limits['max_instances']} per request")
+            instances = self._instances(info, instances)
+            response = self.models[name].predict.remote(instances)
             try:
-                answer = await asyncio.wait_for(self._call(name, instances), self.limits["request_timeout_s"])
+                answer = await asyncio.wait_for(response, self.limits["request_timeout_s"])
             except TimeoutError:
+                response.cancel()  # the replica stops working on an answer nobody waits for
                 raise ApiError(408, f"model {name} did not answer within {self.limits['request_timeout_s']}s") from None
             except BackPressureError:
                 raise ApiError(503, f"model {name} is at capacity (max_queued_requests reached); retry shortly") from None
@@ -107,9 +135,6 @@ class Gateway:
             self.requests.inc(tags=tags | {"status": str(status)})
             self.latency.observe(time.perf_counter() - started, tags=tags)
 
-    async def _call(self, name: str, instances: Any) -> dict[str, Any]:
-        return await self.models[name].predict.remote(instances)
-
     # --- /v1 -----------------------------------------------------------------------------------
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -118,7 +143,7 @@ class Gateway:
     @api.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> dict[str, Any]:
         info = await self._model(name)
-        instances = v1_instances(parse_json(await self._body(request)))  # _predict checks max_instances
+        instances = v1_instances(parse_json(await self._body(request)))  # _predict checks them
         answer = await self._predict(info, instances, "v1")
         return {"model": answer["model"], "model_version": answer["model_version"],
                 "predictions": [{"label": label, "probabilities": dict(zip(info["labels"], probs))}
@@ -239,7 +264,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         else:
             options["autoscaling_config"] = scale.model_dump()
         handles[name] = ModelServer.options(**options).bind(
-            cfg.registry, f"{name}:{version}", cfg.engine, cfg.device, threads, cfg.limits.max_text_chars)
+            cfg.registry, f"{name}:{version}", cfg.engine, cfg.device, threads, cfg.limits.max_text_chars,
+            cfg.limits.max_queued_instances)
     # The ingress only awaits the model handles, whose bounded queues refuse overload with a JSON 503;
     # its own bound is wide (beyond it Serve's proxy answers 503 itself).
     capacity = max(1024, 2 * len(handles) * (cfg.limits.max_ongoing_requests + cfg.limits.max_queued_requests))

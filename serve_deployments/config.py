@@ -31,7 +31,12 @@ class Limits(Section):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one model replica works on at once.")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica beyond that; "
                                      "more get 503 at once.")
-    request_timeout_s: float = Field(30, gt=0, description="A request unanswered this long gets 408.")
+    request_timeout_s: float = Field(30, gt=0, description="A request unanswered this long gets 408 (and is cancelled).")
+    body_timeout_s: float = Field(10, gt=0, description="A request body not received this long gets 408 (slow clients).")
+    max_bodies_in_flight: int = Field(256, ge=1, description="Request bodies one ingress replica receives at once; "
+                                      "more get 503 at once, so slow clients cannot hold every slot.")
+    max_queued_instances: int = Field(8192, ge=1, description="Instances waiting in one model replica, over all its "
+                                      "requests; a request that would pass this gets 503 at once.")
 
 
 class ServeArgs(Section):

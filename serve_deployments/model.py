@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from serve_deployments.instances import InstanceError, InstanceSpec
+
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-
-
-class InstanceError(ValueError):
-    """An instance the model cannot take; the message names its index and the problem."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -31,7 +29,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
 class ModelServer:
-    def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, max_text_chars: int):
+    def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, max_text_chars: int,
+                 max_queued_instances: int = 8192):
         from ray.serve import metrics
 
         from model_registry.predictor import Predictor
@@ -46,8 +45,9 @@ class ModelServer:
         self.name, self.version, self.engine = meta.name, meta.version, engine
         self.kind, self.labels = self.package.inputs.kind, self.package.labels
         self.num_features = self.package.inputs.num_features
-        self.max_text_chars = max_text_chars
-        self.stats = {"inference_count": 0, "execution_count": 0, "failed_count": 0,
+        self.spec = InstanceSpec(self.name, self.kind, self.num_features, max_text_chars)
+        self.max_queued_instances, self.queued_instances = max_queued_instances, 0
+        self.stats = {"inference_count": 0, "execution_count": 0, "engine_calls": 0, "failed_count": 0,
                       "encode_seconds": 0.0, "engine_seconds": 0.0}
         self.batching: dict[str, float] = {}  # set by reconfigure (user_config) before the first request
         tags = {"model": self.name, "version": self.version}
@@ -82,46 +82,37 @@ class ModelServer:
 
     # --- inference -----------------------------------------------------------------------------
     async def predict(self, instances: Any) -> dict[str, Any]:
-        """Probabilities and labels for one request, or {"error", "status"} when an instance is bad."""
-        return await self.predict_batch((instances, time.perf_counter()))
-
-    def _check(self, instances: Any) -> Any:
-        """Instances as the engine takes them: a list of str, or float32 [N, F]."""
-        if self.kind == "text":
-            for i, text in enumerate(instances):
-                if not isinstance(text, str):
-                    raise InstanceError(f"instances[{i}]: expected a text string, got {type(text).__name__}")
-                if not text.strip():
-                    raise InstanceError(f"instances[{i}]: empty text")
-                if len(text) > self.max_text_chars:
-                    raise InstanceError(f"instances[{i}]: text of {len(text)} characters; the limit is "
-                                        f"{self.max_text_chars}")
-            return list(instances)
+        """Probabilities and labels for one request, or {"error", "status"} when an instance is bad or the
+        replica already holds max_queued_instances (the limits of each request alone do not bound that)."""
+        n = len(instances)
+        if self.queued_instances + n > self.max_queued_instances:
+            return {"error": f"model {self.name} has {self.queued_instances} instances queued; this request's {n} "
+                             f"would pass the bound of {self.max_queued_instances}; retry shortly", "status": 503}
+        self.queued_instances += n
         try:
-            rows = np.asarray(instances, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise InstanceError("instances: expected rows of numbers, all of the same shape") from None
-        rows = rows.reshape(len(rows), -1) if rows.ndim >= 2 else rows
-        if rows.ndim != 2 or rows.shape[1] != self.num_features:
-            shape = "8x8 images or rows of 64 pixel values" if self.kind == "image" else f"rows of {self.num_features} features"
-            raise InstanceError(f"instances: shape {list(np.shape(instances))}; {self.name} takes {shape}")
-        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-        if len(bad):
-            raise InstanceError(f"instances[{bad[0]}]: non-finite value")
-        return rows
+            return await self.predict_batch((instances, time.perf_counter()))
+        finally:
+            self.queued_instances -= n
 
-    def _run(self, parts: list[Any]) -> list[np.ndarray]:
-        """One vectorized encode + engine call for all requests' instances; probabilities per request."""
+    def _run(self, parts: list[Any]) -> list[np.ndarray | InstanceError]:
+        """One vectorized encode + engine call for all requests' instances: probabilities per request,
+        or an InstanceError for a request any of whose rows gave a non-finite output (inputs far
+        outside what the model saw); the other requests keep their answers, nothing runs twice."""
         flat = [x for p in parts for x in p] if self.kind == "text" else np.concatenate(parts)
         t0 = time.perf_counter()
         feeds = self.predictor.encode(flat)
         t1 = time.perf_counter()
-        probs = softmax(self.predictor.logits(feeds).astype(np.float64))
+        with np.errstate(all="ignore"):  # non-finite rows are reported per request below
+            probs = softmax(self.predictor.logits(feeds).astype(np.float64))
         self.stats["encode_seconds"] += t1 - t0  # where a replica's time goes (benchmarks/serve_load.py)
         self.stats["engine_seconds"] += time.perf_counter() - t1
-        if not np.isfinite(probs).all():
-            raise FloatingPointError("non-finite model output")
-        return np.split(probs, np.cumsum([len(p) for p in parts])[:-1])
+        self.stats["engine_calls"] += 1  # == execution_count unless a failing batch was re-run request by request
+        out: list[np.ndarray | InstanceError] = []
+        for part in np.split(probs, np.cumsum([len(p) for p in parts])[:-1]):
+            bad = np.flatnonzero(~np.isfinite(part).all(axis=1))
+            out.append(InstanceError(f"instances[{bad[0]}]: the model's output is not finite for this input "
+                                     "(values far outside the training data?)") if len(bad) else part)
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def predict_batch(self, items: list[tuple[Any, float]]) -> list[dict[str, Any]]:
@@ -131,7 +122,7 @@ class ModelServer:
         for i, (instances, queued_at) in enumerate(items):
             self.queue_wait.observe(started - queued_at)
             try:
-                parts.append(self._check(instances))
+                parts.append(self.spec.check(instances))
                 good.append(i)
             except InstanceError as e:
                 results[i] = {"error": str(e), "status": 422}
@@ -147,7 +138,10 @@ class ModelServer:
                     except Exception as e:  # noqa: BLE001 - reported to that request only
                         outputs.append(e)
             for i, out in zip(good, outputs):
-                if isinstance(out, Exception):
+                if isinstance(out, InstanceError):
+                    self.stats["failed_count"] += 1
+                    results[i] = {"error": str(out), "status": 422}
+                elif isinstance(out, Exception):
                     self.stats["failed_count"] += 1
                     results[i] = {"error": f"the model could not score this request: {out}", "status": 422}
                 else:
@@ -162,4 +156,4 @@ class ModelServer:
     def _answer(self, probs: np.ndarray) -> dict[str, Any]:
         top = probs.argmax(axis=1)
         return {"model": self.name, "model_version": self.version, "labels": [self.labels[k] for k in top],
-                "probabilities": np.round(probs, 6).tolist()}  # finite: _run refuses anything else
+                "probabilities": np.round(probs, 6).tolist()}  # finite: _run answers non-finite rows with errors

@@ -11,6 +11,7 @@ Every problem raises `ApiError(status, message)`; the message names the field at
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from rayfoundry.errors import describe_validation_error
 
 BINARY_HEADER = "inference-header-content-length"
+MAX_DIMS = 8  # our models take [N], [N, 1], [N, F] or [N, 8, 8]; numpy itself stops at 64
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 
 
@@ -114,9 +116,11 @@ def parse_v2(body: bytes, header_length: str | None) -> tuple[V2Request, dict[st
         raise ApiError(422, describe_validation_error(e)) from None
     tensors, offset = {}, 0
     for t in req.inputs:
+        if len(t.shape) > MAX_DIMS:
+            raise ApiError(422, f"inputs.{t.name}.shape: {len(t.shape)} dimensions; at most {MAX_DIMS}")
         if any(d < 0 for d in t.shape):
-            raise ApiError(422, f"inputs.{t.name}.shape: negative dimension in {t.shape}")
-        count = int(np.prod(t.shape)) if t.shape else 1
+            raise ApiError(422, f"inputs.{t.name}.shape: negative dimension in {t.shape[:MAX_DIMS]}")
+        count = math.prod(t.shape)  # exact: a product past int64 is just a number the data cannot match
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -172,7 +176,12 @@ def _from_json(t: V2Tensor, count: int) -> np.ndarray:
         raise ApiError(422, f"inputs.{t.name}.datatype: {t.datatype} is not supported (FP32 or BYTES)")
     if any(isinstance(v, (bool, str)) or not isinstance(v, (int, float)) for v in flat):
         raise ApiError(422, f"inputs.{t.name}: {t.datatype} data must be numbers")
-    return np.asarray(flat.astype(np.float64), dtype=DTYPES[t.datatype]).reshape(t.shape)
+    dtype = np.dtype(DTYPES[t.datatype])
+    limit = int(np.iinfo(dtype).max) if dtype.kind == "i" else float(np.finfo(dtype).max)  # Python numbers: exact
+    big = next((i for i, v in enumerate(flat) if abs(v) > limit), None)
+    if big is not None:
+        raise ApiError(422, f"inputs.{t.name}.data[{big}]: beyond the range of {t.datatype} (|x| <= {limit:.4g})")
+    return np.asarray(flat.astype(np.float64), dtype=dtype).reshape(t.shape)
 
 
 def v2_response(req: V2Request, answer: dict[str, Any]) -> tuple[bytes, dict[str, str]]:

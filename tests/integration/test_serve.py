@@ -22,6 +22,9 @@ DIGIT_ROW = [0.0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2,
              0, 0, 0]  # sklearn digits row 0, a "0"
 
 
+SLOW_BODY_S = 2.0  # the service's body deadline, short so the slow-client test is quick
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +39,8 @@ def deploy_config(registry, digits_user_config: dict | None = None) -> None:
 
     app = {"name": "rf", "route_prefix": "/", "import_path": "serve_deployments.app:build_app",
            "args": {"registry": str(registry), "models": ["digits@champion", "reviews"], "num_cpus": 0.25,
-                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05}}}
+                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+                    "limits": {"body_timeout_s": SLOW_BODY_S}}}
     if digits_user_config:
         app["deployments"] = [{"name": "model-digits", "user_config": digits_user_config}]
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
@@ -133,6 +137,20 @@ BAD_REQUESTS = [
     ("V2 data/shape mismatch", "POST", "/v2/models/reviews/infer",
      b'{"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}', 422, "1 values for shape [2]"),
     ("V2 truncated binary", "POST", "/v2/models/digits/infer", None, 400, "binary_data_size 256 does not fit"),
+    ("400-digit integer", "POST", "/v1/models/digits:predict",
+     b'{"instances": [[' + b"9" * 400 + b"," + b",".join([b"0"] * 63) + b"]]}", 422, "instances[0]: a number beyond float32"),
+    ("number beyond float32", "POST", "/v1/models/digits:predict",
+     b'{"instances": [[1e39' + b",0" * 63 + b"]]}", 422, "instances[0]: a value is not finite or beyond float32"),
+    ("text for an image model", "POST", "/v1/models/digits:predict", b'{"instances": ["a"]}', 422, "not text"),
+    ("V2 65 dimensions", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [' + b",".join([b"1"] * 65) + b'], "datatype": "FP32", "data": [1]}]}',
+     422, "65 dimensions; at most 8"),
+    ("V2 shape past int64", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [4611686018427387904, 4611686018427387904, 4], "datatype": "FP32", '
+     b'"data": [1]}]}', 422, "1 values for shape"),
+    ("V2 huge integer data", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "data": [' + b"9" * 400
+     + b"," + b",".join([b"0"] * 63) + b"]}]}", 422, "data[0]: beyond the range of FP32"),
 ]
 
 
@@ -169,6 +187,39 @@ def test_a_poisoned_instance_fails_only_its_own_request_in_a_batch(service):
     after = stats(url, "digits")
     assert after["inference_count"] - before["inference_count"] == 6
     assert after["execution_count"] - before["execution_count"] < 6  # the good ones really were batched
+
+
+def test_huge_and_non_finite_inputs_fail_only_their_own_request_without_rerunning_the_batch(service):
+    url, _ = service
+    before = stats(url, "digits")
+    huge = {"instances": [[int("9" * 400)] + [0] * 63]}  # caught where it enters: never joins a batch
+    blowup = {"instances": [[3e38] * 64]}  # finite float32, but the model's output is not
+    bodies = [{"instances": [DIGIT_ROW]}] * 6 + [huge, blowup]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: requests.post(f"{url}/v1/models/digits:predict", json=b, timeout=30), bodies))
+    assert [a.status_code for a in answers] == [200] * 6 + [422, 422], [a.text[:200] for a in answers]
+    assert "a number beyond float32" in answers[-2].json()["error"]
+    assert "the model's output is not finite" in answers[-1].json()["error"]
+    after = stats(url, "digits")
+    assert after["inference_count"] - before["inference_count"] == 7  # 6 good rows and the blow-up row
+    calls = after["engine_calls"] - before["engine_calls"]
+    assert calls == after["execution_count"] - before["execution_count"]  # no request-by-request re-run
+
+
+def test_a_slow_client_gets_408_after_the_body_deadline_and_holds_nothing(service):
+    url, _ = service
+    host, port = url.removeprefix("http://").split(":")
+    began = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"instances\": [")  # and then nothing more
+        reply = sock.recv(65536).decode(errors="replace")
+    waited = time.perf_counter() - began
+    assert reply.startswith("HTTP/1.1 408"), reply[:300]
+    assert "request body not received within 2s" in reply
+    assert SLOW_BODY_S <= waited < SLOW_BODY_S + 10
+    ok = requests.post(f"{url}/v1/models/digits:predict", json={"instances": [DIGIT_ROW]}, timeout=30)
+    assert ok.status_code == 200
 
 
 def test_user_config_changes_the_batch_size_without_restarting_replicas(service):
