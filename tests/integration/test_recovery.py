@@ -33,7 +33,7 @@ def test_worker_death_mid_epoch_restarts_and_matches_an_uninterrupted_run(digits
     monkeypatch.delenv(FAULT_ENV)
     assert marker.read_text() == "exited at step 7\n"  # the fault really fired, mid-epoch
     assert crashed.restarts == 1
-    failures = list((tmp_path / "crashed" / "failures").glob(f"{crashed['run_id']}-*.json"))
+    failures = list((tmp_path / "crashed" / "failures").glob(f"{crashed.run_id}-*.json"))
     assert len(failures) == 1 and "1" in json.loads(failures[0].read_text())["ranks"]
     history = json.loads((Path(crashed.latest_checkpoint) / "trainer_state.json").read_text())["history"]
     assert history[1]["resumed_from"] == "epoch_0001"  # epoch 2 restarted from epoch 1's checkpoint
