@@ -181,10 +181,18 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, optim_cfg: Any, strategy_cfg: Any, total_steps: int, *, distributed: bool,
                  device: torch.device, fresh_model: Callable[[], nn.Module] | None = None):
-        # DeepSpeed JIT-builds its CPU comm op against this interpreter's torch; a per-environment build
-        # directory keeps two environments (another checkout, another torch) from rebuilding it in turn.
+        # DeepSpeed JIT-builds its ops against this interpreter's torch; a per-environment build directory
+        # keeps two environments (another checkout, another torch) from rebuilding them in turn.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        import importlib
+
         import deepspeed
+
+        ds_comm = importlib.import_module("deepspeed.comm.torch")  # `import ... as` would bind the torch it imports
+        # Its shared-memory comm op serves only DeepSpeed's inference all-reduce; ZeRO training's
+        # collectives go through torch.distributed (gloo here, NCCL on GPUs). Not building it saves a
+        # ~2-minute compile on the first CPU run in every new environment.
+        ds_comm.build_shm_op = lambda: None
 
         if not dist.is_initialized():  # Train's local mode (dry run): a one-process group
             import socket
