@@ -207,6 +207,17 @@ def test_huge_and_non_finite_inputs_fail_only_their_own_request_without_rerunnin
     assert calls == after["execution_count"] - before["execution_count"]  # no request-by-request re-run
 
 
+def _read_reply(sock: socket.socket) -> str:
+    """An HTTP reply read until its JSON body is complete (headers and body may arrive apart)."""
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
 def test_a_slow_client_gets_408_after_the_body_deadline_and_holds_nothing(service):
     url, _ = service
     host, port = url.removeprefix("http://").split(":")
@@ -214,7 +225,7 @@ def test_a_slow_client_gets_408_after_the_body_deadline_and_holds_nothing(servic
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n{\"instances\": [")  # and then nothing more
-        reply = sock.recv(65536).decode(errors="replace")
+        reply = _read_reply(sock)
     waited = time.perf_counter() - began
     assert reply.startswith("HTTP/1.1 408"), reply[:300]
     assert "request body not received within 2s" in reply
@@ -275,6 +286,59 @@ def test_overload_is_refused_quickly_with_503_and_every_accepted_request_succeed
         assert all(len(body["predictions"]) == 256 for c, _, body in results if c == 200)
     finally:
         serve.delete("tight")
+
+
+def test_bodies_in_flight_and_instances_queued_per_replica_are_bounded_with_503(service):
+    """Limits that hold in total, not per request: slow clients cannot take every body slot, and
+    many large requests cannot pile up unbounded rows in one replica."""
+    from ray import serve
+
+    from serve_deployments.app import build_app
+
+    url, registry = service
+    args = {"registry": str(registry), "models": ["digits"], "num_cpus": 0.25,
+            "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+            "limits": {"max_bodies_in_flight": 2, "body_timeout_s": 20, "max_queued_instances": 300}}
+    serve.run(build_app(args), name="bounded", route_prefix="/bounded")
+    host, port = url.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(2):  # two clients that send half a body and stall
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"POST /bounded/v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            slow.append(sock)
+        deadline = time.time() + 20
+        while True:  # once both stalled bodies are being read, a third request is refused at once
+            r = requests.post(f"{url}/bounded/v1/models/digits:predict", json={"instances": [DIGIT_ROW]}, timeout=30)
+            if r.status_code == 503 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 503 and "2 request bodies are being received" in r.json()["error"], r.text[:300]
+        assert r.headers.get("retry-after") == "1"
+    finally:
+        for sock in slow:
+            sock.close()
+        serve.delete("bounded")
+    # Instances queued in one replica, over all requests: one 256-row request fits under 300, two do not.
+    args["limits"] = {"max_queued_instances": 300}
+    serve.run(build_app(args), name="rows", route_prefix="/rows")
+    try:
+        start = threading.Barrier(6)
+
+        def call(_):
+            start.wait()
+            return requests.post(f"{url}/rows/v1/models/digits:predict", json={"instances": [DIGIT_ROW] * 256},
+                                 timeout=60)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(call, range(6)))
+        codes = [a.status_code for a in answers]
+        assert 200 in codes and 503 in codes, codes
+        refused = [a.json()["error"] for a in answers if a.status_code == 503]
+        assert all("instances queued" in e and "the bound of 300" in e for e in refused), refused
+    finally:
+        serve.delete("rows")
 
 
 def test_prometheus_metrics_are_exported_for_requests_batches_and_errors(service):
