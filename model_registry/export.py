@@ -43,7 +43,7 @@ from model_registry.package import (
     write_metadata,
 )
 from model_registry.predictor import PackageDraft, Predictor, resolve_device, score
-from model_registry.registry import NAME_PATTERN, GatePolicy, Registry
+from model_registry.registry import NAME_PATTERN, Registry
 from model_registry.validation import ValidationSet, load_validation, sample_instances
 from rayfoundry.errors import CheckpointError, ExportError
 from trainers.checkpoint import manifest_files, verify_checksums
@@ -279,8 +279,7 @@ def export(spec: ExportJob, log=print) -> PackageMetadata:
             write_metadata(directory, meta)
             published.append(meta)
 
-        policy = GatePolicy(metric=job.checkpoint.metric, mode=job.checkpoint.resolved_mode)
-        version = registry.publish(spec.name, staging, finalize, policy)
+        version = registry.publish(spec.name, staging, finalize)
     log(f"  published {spec.name}:{version} in {time.time() - started:.0f}s")
     return published[0]
 

@@ -284,10 +284,9 @@ class Registry:
             except PermissionError:  # alive, another user's
                 pass
 
-    def publish(self, name: str, staging: Path, finalize: Callable[[Path, str, str], None],
-                policy: GatePolicy) -> str:
+    def publish(self, name: str, staging: Path, finalize: Callable[[Path, str, str], None]) -> str:
         """Give the staged package the next version number and make it visible in one step. The first
-        version of a model sets its gate policy."""
+        version of a model sets its gate policy (from its validation metric and mode)."""
         check_name(name, "model name")
         with self._lock(name):
             versions = [i.base_name for i in self._ls(self._path(name)) if i.base_name.isdigit()]
@@ -306,7 +305,7 @@ class Registry:
                                     destination_filesystem=self.fs)
             state = self.state(name)
             if state.policy is None:
-                state.policy = policy if not self.versions(name)[:-1] else self.policy(name, state)
+                state.policy = self.policy(name, state)  # from the oldest version: this one, for a new model
                 state.history.append(self._event("policy", version=version, policy=state.policy,
                                                  reason="set by the model's first published version"))
                 self._save_state(name, state)

@@ -57,9 +57,11 @@ def write_text(path: str, text: str) -> None:
 
 def read_text(path: str) -> str | None:
     """The file's text, or None when there is no such file."""
-    if kind(path) != "file":
-        return None
+    import pyarrow.fs as pafs
+
     fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        return None
     with fs.open_input_stream(inner) as f:
         return f.read().decode()
 
