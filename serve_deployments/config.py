@@ -1,11 +1,18 @@
-"""`ServeArgs`: the typed arguments of `build_app`, from `serve run` key=value pairs, a Serve config
-file's `args:`, or `python -m ray_apps serve`. Every field says what it does; checks live here."""
+"""Typed arguments of the Serve applications, from a Serve config file's `args:`, `serve run` key=value
+pairs, or `python -m ray_apps serve`. Every field says what it does; checks live here.
+
+- `ModelArgs`: one model's application (`serve_deployments.model:build_app`), route /v2/models/NAME;
+- `ServerArgs`: the server-level application (`serve_deployments.app:build_app`), route /;
+- `ServeArgs`: several models with shared settings, split into the two by `serve_deployments.app`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rayfoundry.errors import ConfigError, describe_validation_error
 
 
 class Section(BaseModel):
@@ -13,8 +20,15 @@ class Section(BaseModel):
 
 
 class Batching(Section):
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Largest batch one model call takes.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a partial batch waits for more.")
+    """Changes without a restart (the model deployment's user_config)."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most instances one model call takes.")
+    batch_wait_timeout_s: float = Field(0, ge=0, le=1, description="How long a partial batch may wait for more while "
+                                        "other requests are queued; 0 runs whatever is queued as soon as the engine "
+                                        "is free (a lone request never waits).")
+    slo_p99_ms: float | None = Field(None, gt=0, le=600_000, description="Keep each request's time in the replica "
+                                     "under this: batch sizes follow an online fit of the engine's batch time, and a "
+                                     "request that can no longer make it gets 503 at once.")
 
 
 class Autoscaling(Section):
@@ -39,12 +53,14 @@ class Limits(Section):
                                       "requests; a request that would pass this gets 503 at once.")
 
 
-class ServeArgs(Section):
-    """What `build_app` serves and how."""
+class ModelArgs(Section):
+    """One model's application (`serve_deployments.model:build_app`), under /v2/models/NAME."""
 
     registry: str = Field("registry", description="Registry root (path or URI) holding the packages.")
-    models: list[str] = Field(min_length=1, description="Model refs: NAME, NAME:VERSION or NAME@ALIAS.")
-    engine: Literal["onnx", "onnx-int8", "torch"] = Field("onnx", description="Which file of the package runs.")
+    model: str = Field(description="Model ref: NAME, NAME:VERSION or NAME@ALIAS (resolved to a version at build).")
+    engine: Literal["auto", "onnx", "onnx-int8", "torch"] = Field("auto", description="Which file of the package runs; "
+                                                                  "auto: int8 when the package ships it (its accuracy "
+                                                                  "passed the export gate), else ONNX fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when the replica has a GPU.")
     num_cpus: float = Field(1, gt=0, description="CPUs reserved per model replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per model replica (set 1 on GPU nodes).")
@@ -55,6 +71,24 @@ class ServeArgs(Section):
     autoscaling: Autoscaling = Autoscaling()
     limits: Limits = Limits()
 
+
+class ServerArgs(Section):
+    """The server-level application (`serve_deployments.app:build_app`) at /: /v2, /v2/health/*,
+    /v1/models and /v1/models/NAME:predict for the model applications it names."""
+
+    models: list[str] = Field(min_length=1, description="Names of the served models (one application each).")
+    limits: Limits = Limits()
+
+
+class ServeArgs(ModelArgs):
+    """Several models with the same settings: one model application each, plus the server application."""
+
+    model: str = Field("", description="Unused here: list the refs under models.")
+    models: list[str] = Field(min_length=1, description="Model refs: NAME, NAME:VERSION or NAME@ALIAS.")
+
+    def for_model(self, ref: str) -> ModelArgs:
+        return ModelArgs.model_validate(self.model_dump(exclude={"models"}) | {"model": ref})
+
     @field_validator("models")
     @classmethod
     def _unique_names(cls, refs: list[str]) -> list[str]:
@@ -63,3 +97,17 @@ class ServeArgs(Section):
         if dupes:
             raise ValueError(f"models: {dupes[0]} is listed twice; serve one version per model name")
         return refs
+
+
+Args = TypeVar("Args", bound=BaseModel)
+
+
+def parse_args(kind: type[Args], args: dict[str, Any], source: str) -> Args:
+    """`args` as `kind`; `serve run` passes key=value strings, so a `models` string may be a comma list.
+    A bad field is a ConfigError naming it."""
+    if isinstance(args.get("models"), str):
+        args = args | {"models": [m for m in args["models"].split(",") if m]}
+    try:
+        return kind.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e, source)) from None

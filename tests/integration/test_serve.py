@@ -32,18 +32,35 @@ def _free_port() -> int:
 
 
 def deploy_config(registry, digits_user_config: dict | None = None) -> None:
-    """Deploy app "rf" the way `serve deploy` does (a config, applied by the controller), so a change
+    """Deploy the service the way `serve deploy` does (a config, applied by the controller), so a change
     of user_config alone is an in-place update; `serve.run` of a Python app restarts replicas."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    app = {"name": "rf", "route_prefix": "/", "import_path": "serve_deployments.app:build_app",
-           "args": {"registry": str(registry), "models": ["digits@champion", "reviews"], "num_cpus": 0.25,
-                    "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
-                    "limits": {"body_timeout_s": SLOW_BODY_S}}}
+    from serve_deployments.app import applications
+
+    apps = applications({"registry": str(registry), "models": ["digits@champion", "reviews"], "num_cpus": 0.25,
+                         "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+                         "limits": {"body_timeout_s": SLOW_BODY_S}})
     if digits_user_config:
-        app["deployments"] = [{"name": "model-digits", "user_config": digits_user_config}]
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
+        apps[0]["deployments"] = [{"name": "ModelServer", "user_config": digits_user_config}]
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": apps}), _blocking=True)
+
+
+def model_app(registry, name: str, prefix: str, **args) -> str:
+    """One model application alone at `prefix` (its V2 routes under it); returns its infer path."""
+    from ray import serve
+
+    from serve_deployments.model import build_app
+
+    serve.run(build_app({"registry": str(registry), "model": "digits", "num_cpus": 0.25} | args), name=name,
+              route_prefix=prefix)
+    return f"{prefix}/infer"
+
+
+def digits_v2(rows: list) -> dict:
+    return {"inputs": [{"name": "features", "shape": [len(rows), 64], "datatype": "FP32",
+                        "data": [x for r in rows for x in r]}]}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +86,7 @@ def replica_pids() -> dict[str, int]:
     from ray.util.state import list_actors
 
     return {a.name: a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name.startswith("ServeReplica:rf:")}
+            if a.class_name.startswith(("ServeReplica:model-", "ServeReplica:rayfoundry:"))}
 
 
 def stats(url: str, model: str) -> dict:
@@ -255,62 +272,47 @@ def test_user_config_changes_the_batch_size_without_restarting_replicas(service)
     assert replica_pids() == pids
 
 
-def test_overload_is_refused_quickly_with_503_and_every_accepted_request_succeeds(service):
-    from ray import serve
-
-    from serve_deployments.app import build_app
-
+def test_overload_is_refused_quickly_with_json_503_and_every_accepted_request_succeeds(service):
+    """The instances queued in one replica are bounded over all its requests: one 256-row request fits
+    under 300, the rest of a burst is refused at once with a JSON 503, and nothing accepted fails."""
     url, registry = service
-    args = {"registry": str(registry), "models": ["digits"], "num_cpus": 0.25,
-            "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
-            "limits": {"max_ongoing_requests": 1, "max_queued_requests": 1}}
-    serve.run(build_app(args), name="tight", route_prefix="/tight")
+    path = model_app(registry, "tight", "/tight", batching={"max_batch_size": 1}, limits={"max_queued_instances": 300})
     try:
-        rows = [DIGIT_ROW] * 256  # each request a full batch of its own
         start = threading.Barrier(24)
 
         def call(_):
             start.wait()
             began = time.perf_counter()
-            r = requests.post(f"{url}/tight/v1/models/digits:predict", json={"instances": rows}, timeout=60)
-            body = r.json() if r.headers.get("content-type") == "application/json" else r.text
-            return r.status_code, time.perf_counter() - began, body
+            r = requests.post(url + path, json=digits_v2([DIGIT_ROW] * 256), timeout=60)
+            return r.status_code, time.perf_counter() - began, r
 
         with ThreadPoolExecutor(24) as pool:
             results = list(pool.map(call, range(24)))
         codes = [c for c, _, _ in results]
-        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes  # 1 running + 1 queued at least
-        refused = [(t, body) for c, t, body in results if c == 503]
-        assert all(isinstance(body, dict) and "at capacity" in body["error"] for _, body in refused), refused[:3]
+        assert set(codes) == {200, 503} and codes.count(200) >= 1, codes
+        refused = [(t, r) for c, t, r in results if c == 503]
+        assert all("instances are queued" in r.json()["error"] and "the bound of 300" in r.json()["error"]
+                   and r.headers.get("retry-after") == "1" for _, r in refused), [r.text for _, r in refused[:3]]
         assert max(t for t, _ in refused) < 5  # refused at once, not after a timeout
-        assert all(len(body["predictions"]) == 256 for c, _, body in results if c == 200)
+        assert all(r.json()["outputs"][0]["shape"] == [256, 10] for c, _, r in results if c == 200)
     finally:
-        serve.delete("tight")
+        serve_delete("tight")
 
 
-def test_bodies_in_flight_and_instances_queued_per_replica_are_bounded_with_503(service):
-    """Limits that hold in total, not per request: slow clients cannot take every body slot, and
-    many large requests cannot pile up unbounded rows in one replica."""
-    from ray import serve
-
-    from serve_deployments.app import build_app
-
+def test_request_bodies_in_flight_are_bounded_with_503(service):
+    """Slow clients cannot take every body slot of a replica."""
     url, registry = service
-    args = {"registry": str(registry), "models": ["digits"], "num_cpus": 0.25,
-            "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
-            "limits": {"max_bodies_in_flight": 2, "body_timeout_s": 20, "max_queued_instances": 300}}
-    serve.run(build_app(args), name="bounded", route_prefix="/bounded")
+    path = model_app(registry, "bounded", "/bounded", limits={"max_bodies_in_flight": 2, "body_timeout_s": 20})
     host, port = url.removeprefix("http://").split(":")
     slow = []
     try:
         for _ in range(2):  # two clients that send half a body and stall
             sock = socket.create_connection((host, int(port)), timeout=30)
-            sock.sendall(b"POST /bounded/v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Length: 1000\r\n\r\n{")
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
             slow.append(sock)
         deadline = time.time() + 20
         while True:  # once both stalled bodies are being read, a third request is refused at once
-            r = requests.post(f"{url}/bounded/v1/models/digits:predict", json={"instances": [DIGIT_ROW]}, timeout=30)
+            r = requests.post(url + path, json=digits_v2([DIGIT_ROW]), timeout=30)
             if r.status_code == 503 or time.time() > deadline:
                 break
             time.sleep(0.2)
@@ -319,26 +321,13 @@ def test_bodies_in_flight_and_instances_queued_per_replica_are_bounded_with_503(
     finally:
         for sock in slow:
             sock.close()
-        serve.delete("bounded")
-    # Instances queued in one replica, over all requests: one 256-row request fits under 300, two do not.
-    args["limits"] = {"max_queued_instances": 300}
-    serve.run(build_app(args), name="rows", route_prefix="/rows")
-    try:
-        start = threading.Barrier(6)
+        serve_delete("bounded")
 
-        def call(_):
-            start.wait()
-            return requests.post(f"{url}/rows/v1/models/digits:predict", json={"instances": [DIGIT_ROW] * 256},
-                                 timeout=60)
 
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(call, range(6)))
-        codes = [a.status_code for a in answers]
-        assert 200 in codes and 503 in codes, codes
-        refused = [a.json()["error"] for a in answers if a.status_code == 503]
-        assert all("instances queued" in e and "the bound of 300" in e for e in refused), refused
-    finally:
-        serve.delete("rows")
+def serve_delete(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
 
 
 def test_prometheus_metrics_are_exported_for_requests_batches_and_errors(service):
