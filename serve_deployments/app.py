@@ -30,8 +30,12 @@ SERVER_CPUS = 0.05  # the server application's replica: /v1 forwarding and healt
 
 # Read when Ray starts (set them in the environment of `ray start` on a cluster). HAProxy takes Serve's
 # Python proxy out of the data path: requests go from HAProxy straight to the model replica's own HTTP
-# server (direct ingress). One HAProxy thread leaves the cores to the replicas on small nodes.
-INGRESS_ENV = {"haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"}, "proxy": {}}
+# server (direct ingress). One HAProxy thread leaves the cores to the replicas on small nodes. A request
+# whose replica died before answering (the connection closed with no response) is sent to another
+# replica: a prediction has no side effects, so it is safe to retry.
+INGRESS_ENV = {"haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+                           "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response", "RAY_SERVE_HAPROXY_RETRIES": "2"},
+               "proxy": {}}
 
 
 def ingress_env(kind: str) -> dict[str, str]:

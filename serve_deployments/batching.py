@@ -121,7 +121,9 @@ class SloPlanner:
                 break
             take, total = take + 1, total + p.size
         wait = 0.0
-        if wait_s > 0 and len(rest) > 1 and total < max_batch:  # never wait with a lone request queued
+        # never wait with a lone request queued, nor when requests already queued are left out (what
+        # arrives now queues behind them, so waiting cannot grow this batch)
+        if wait_s > 0 and 1 < take == len(rest) and total < max_batch:
             wait = max(0.0, rest[0].arrived + wait_s - now)  # the oldest waits wait_s at most in all
             if self.slo_s is not None and self.fit.ready:
                 wait = min(wait, max(0.0, deadline - now - self.fit.predict(max_batch)))
@@ -148,7 +150,7 @@ class Batcher:
         self.running = 0  # requests in the running call
         self.arrived = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.stats = {"refused_slo": 0, "refused_full": 0, "cancelled": 0, "last_batch": 0, "last_wait_ms": 0.0}
+        self.stats = {"refused_slo": 0, "refused_full": 0, "cancelled": 0, "last_batch": 0}
 
     def configure(self, max_batch_size: int, wait_s: float, slo_ms: float | None) -> None:
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
@@ -193,13 +195,15 @@ class Batcher:
             self.queued_instances = sum(p.size for p in keep)
 
     async def _loop(self) -> None:
+        waited = False  # the last plan's wait ran out: run what is queued now
         while True:
             self._drop_cancelled()
             if not self.queue:
+                waited = False
                 self.arrived.clear()
                 await self.arrived.wait()
                 continue
-            plan = self.planner.plan(self.clock(), list(self.queue), self.max_batch_size, self.wait_s)
+            plan = self.planner.plan(self.clock(), list(self.queue), self.max_batch_size, 0.0 if waited else self.wait_s)
             for p in self._pop(plan.refuse):
                 self.stats["refused_slo"] += 1
                 if not p.future.done():
@@ -209,9 +213,12 @@ class Batcher:
                 self.arrived.clear()
                 try:
                     await asyncio.wait_for(self.arrived.wait(), plan.wait_s)
-                    continue  # something arrived: plan again with it
                 except TimeoutError:
-                    plan = self.planner.plan(self.clock(), list(self.queue), self.max_batch_size, 0.0)
+                    waited = True
+                # plan again: with what arrived, or, once the wait ran out, without the requests
+                # cancelled or past their deadline by now (refused above, never run)
+                continue
+            waited = False
             if not plan.take:
                 continue
             batch = self._pop(plan.take)

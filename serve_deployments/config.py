@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayfoundry.errors import ConfigError, describe_validation_error
 
@@ -35,6 +35,15 @@ class Autoscaling(Section):
     min_replicas: int = Field(1, ge=0, description="Replicas per model at least (0 scales to zero).")
     max_replicas: int = Field(1, ge=1, description="Replicas per model at most.")
     target_ongoing_requests: float = Field(16, gt=0, description="Requests per replica the autoscaler aims at.")
+    upscale_delay_s: float = Field(30, ge=0, description="Load above target this long adds replicas.")
+    downscale_delay_s: float = Field(600, ge=0, description="Load below target this long removes replicas.")
+    look_back_period_s: float = Field(30, gt=0, description="Window over which the autoscaler averages the load.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
 
 
 class Limits(Section):

@@ -64,10 +64,16 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray with 2 CPUs for the whole session; starting one costs seconds."""
+    """One local Ray with 2 CPUs for the whole session; starting one costs seconds. Serve runs behind
+    HAProxy, the ingress `python -m ray_apps serve` starts by default."""
     from rayfoundry.ray_env import connect_ray, quiet_process
+    from serve_deployments.app import ingress_env
 
     quiet_process()
+    os.environ.update(ingress_env("haproxy"))
+    # A replica leaving HAProxy's pool drains 30 s by default (health checks must see it go); tests
+    # delete apps and scale down often, and nothing else shares their service.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     connect_ray(num_cpus=2, address="local")  # never join a stray `ray start` head
     import ray
 
