@@ -6,8 +6,9 @@
 One request = one SST-2 dev sentence, loopback only, load from a separate process. Arms:
   service       the default service: HAProxy ingress, one hop to the model replica, V2 JSON infer
   v1            the same service through /v1 (server application, then a handle to the model replica)
-  python-proxy  lever: Serve's Python proxy instead of HAProxy (the ingress before this version)
-  throughput    lever: HAProxy plus RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+  python-proxy  lever: Serve's Python proxy instead of HAProxy (the ingress before this version; also
+                without RAY_SERVE_THROUGHPUT_OPTIMIZED)
+  throughput-off  lever: the service without RAY_SERVE_THROUGHPUT_OPTIMIZED
   no-batching   lever: the service with max_batch_size 1
   handwritten   FastAPI + uvicorn + torch eager, no batching (benchmarks/handwritten_app.py)
   offline       the same package and engine in one process, tokenizer included: the ceiling at
@@ -51,7 +52,7 @@ SERVE_ARMS = {  # arm -> (ingress, extra env read when Ray starts, path, batchin
     "service": ("haproxy", {}, "v2", {}),
     "v1": ("haproxy", {}, "v1", {}),
     "python-proxy": ("proxy", {}, "v2", {}),
-    "throughput": ("haproxy", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "v2", {}),
+    "throughput-off": ("haproxy", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}, "v2", {}),
     "no-batching": ("haproxy", {}, "v2", {"max_batch_size": 1}),
 }
 ALL_ARMS = [*SERVE_ARMS, "handwritten"]
@@ -96,17 +97,40 @@ async def closed_loop(url: str, kind: str, texts: list[str], concurrency: int, s
             "loadgen_cpu_s": usage.ru_utime + usage.ru_stime}
 
 
-def run_load(url: str, kind: str, texts_file: str, concurrency: int, seconds: float) -> dict:
-    """Load from a separate process; also the CPU every process used meanwhile (system-wide)."""
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds, under a group name: HAProxy, the model replica, the server
+    replica, Serve's proxy and controller, or the rest of Ray."""
     import psutil
 
-    cpu0 = psutil.cpu_times()
+    out = {}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [p.info["name"] or ""])
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        group = ("HAProxy" if "haproxy" in cmd else "model replica" if "ServeReplica:model-" in cmd
+                 else "server replica" if "ServeReplica:" in cmd else "Serve proxy" if "ProxyActor" in cmd
+                 else "Serve controller" if "ServeController" in cmd else "other")
+        out[p.pid] = (group, t.user + t.system)
+    return out
+
+
+def run_load(url: str, kind: str, texts_file: str, concurrency: int, seconds: float) -> dict:
+    """Load from a separate process; also the CPU that every other process used meanwhile."""
+    before = process_cpu()
     out = subprocess.run([sys.executable, __file__, "--loadgen", url, "--kind", kind, "--texts", texts_file,
                           "--concurrency", str(concurrency), "--seconds", str(seconds)], capture_output=True, text=True,
                          check=True)
-    cpu1 = psutil.cpu_times()
+    after = process_cpu()
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["all_cpu_s"] = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    mine = {os.getpid()}  # this driver waits; the load generator has exited, its CPU is reported apart
+    groups: Counter = Counter()
+    for pid, (group, t) in after.items():
+        if pid not in mine:
+            groups[group] += t - before.get(pid, (group, 0.0))[1]
+    result["cpu_s_by_process"] = dict(groups)
+    result["all_cpu_s"] = sum(groups.values())
     return result
 
 
@@ -222,27 +246,30 @@ def handwritten_arm(pkg_path: Path, texts_file: str, args, levels: list[int]) ->
 
 
 def offline_arm(pkg, engine: str, threads: int, texts: list[str], seconds: float) -> dict:
-    """Throughput at batch 32, batch-1 latency, and CPU per sequence at several batch sizes."""
+    """The ceiling (batch 32) and batch-1 latency of the engine as offline code runs it, and its CPU per
+    sequence at several batch sizes as the replica runs it (idle engine threads sleep, no spinning)."""
     from model_registry.predictor import Predictor
 
-    predictor = Predictor(pkg, engine, "cpu", intra_op_threads=threads)
-    predictor.logits(predictor.encode(texts[:32]))
     out: dict = {"cpu_ms_per_seq": {}}
-    for size in (1, 2, 4, 8, 16, 32):
-        batches = [texts[i:i + size] for i in range(0, len(texts) - size + 1, size)]
-        done, k, lat = 0, 0, []
-        cpu0, start = time.process_time(), time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            t0 = time.perf_counter()
-            predictor.logits(predictor.encode(batches[k % len(batches)]))  # tokenizer included, as the service does
-            lat.append(time.perf_counter() - t0)
-            done, k = done + size, k + 1
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-        out["cpu_ms_per_seq"][size] = 1e3 * cpu / done
-        if size == 1:
-            out["batch1_p50_ms"] = 1e3 * float(np.percentile(lat, 50))
-        if size == 32:
-            out["seq_per_s"] = done / wall
+    for spinning in (True, False):
+        predictor = Predictor(pkg, engine, "cpu", intra_op_threads=threads, spinning=spinning)
+        predictor.logits(predictor.encode(texts[:32]))
+        for size in (1, 32) if spinning else (1, 2, 4, 8, 16, 32):
+            batches = [texts[i:i + size] for i in range(0, len(texts) - size + 1, size)]
+            done, k, lat = 0, 0, []
+            cpu0, start = time.process_time(), time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                t0 = time.perf_counter()
+                predictor.logits(predictor.encode(batches[k % len(batches)]))  # tokenizer included, as served
+                lat.append(time.perf_counter() - t0)
+                done, k = done + size, k + 1
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+            if not spinning:
+                out["cpu_ms_per_seq"][size] = 1e3 * cpu / done
+            elif size == 1:
+                out["batch1_p50_ms"] = 1e3 * float(np.percentile(lat, 50))
+            else:
+                out["seq_per_s"] = done / wall
     return out
 
 
@@ -265,8 +292,7 @@ def report(results: dict, offline: dict, levels: list[int], pkg_ref: str, engine
             x = r[c]
             outside = "-"
             if "mean_batch" in x and x["ok"]:
-                serve_cpu = x["all_cpu_s"] - x["loadgen_cpu_s"]
-                x["outside_engine_cpu_ms"] = 1e3 * serve_cpu / x["ok"] - engine_cpu_ms(offline, x["mean_batch"])
+                x["outside_engine_cpu_ms"] = 1e3 * x["all_cpu_s"] / x["ok"] - engine_cpu_ms(offline, x["mean_batch"])
                 outside = f"{x['outside_engine_cpu_ms']:.2f}"
             print(f"| {c} | {arm} | {x['qps']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['p99_ms'] / x['p50_ms']:.2f} | "
                   f"{x['errors']} | {x.get('mean_batch', 1.0):.1f} | {outside} |")
@@ -288,9 +314,17 @@ def report(results: dict, offline: dict, levels: list[int], pkg_ref: str, engine
         if c in s:
             r = s[c]["p99_ms"] / s[c]["p50_ms"]
             checks.append((f"c={c} p99 / p50", r, "<= 2", r <= 2))
-    for lever in ("python-proxy", "throughput", "no-batching", "v1"):
+    for lever in ("python-proxy", "throughput-off", "no-batching", "v1"):
         if lever in results and 32 in results[lever] and 32 in s:
             checks.append((f"c=32 QPS service / {lever}", s[32]["qps"] / results[lever][32]["qps"], "(lever)", None))
+    top = max(c for c in levels if c in s) if s else None
+    if top is not None and "cpu_s_by_process" in s[top]:
+        x = s[top]
+        print(f"\nCPU of the service arm at concurrency {top}, per request (ms):\n\n| process | ms per request |\n| --- | ---: |")
+        for group, cpu in sorted(x["cpu_s_by_process"].items(), key=lambda kv: -kv[1]):
+            print(f"| {group} | {1e3 * cpu / x['ok']:.2f} |")
+        print(f"| load generator (not Serve) | {1e3 * x['loadgen_cpu_s'] / x['ok']:.2f} |")
+        print(f"| engine alone, offline, at batch {x['mean_batch']:.1f} | {engine_cpu_ms(offline, x['mean_batch']):.2f} |")
     print("\n| check | value | target | met |\n| --- | ---: | --- | --- |")
     for name, value, target, met in checks:
         print(f"| {name} | {value:.2f} | {target} | {'-' if met is None else ('yes' if met else 'NO')} |")

@@ -51,7 +51,8 @@ class Limits(Section):
     max_instances: int = Field(256, ge=1, description="More instances in one request get 422.")
     max_text_chars: int = Field(4096, ge=1, description="Longer texts get 422 (they are truncated to the "
                                 "model's max_length tokens anyway; this bounds tokenizer work).")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one model replica works on at once.")
+    max_ongoing_requests: int = Field(128, ge=1, description="Requests one model replica holds at once (receiving, "
+                                      "queued for a batch or in one); Serve queues more up to max_queued_requests.")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica beyond that; "
                                      "more get 503 at once.")
     request_timeout_s: float = Field(30, gt=0, description="A request unanswered this long gets 408 (and is cancelled).")

@@ -1,7 +1,7 @@
 """One model's Serve application: the deployment that parses HTTP also batches and runs the engine.
 
-    serve run serve_deployments.model:build_app model=digits@champion registry=registry route_prefix=/v2/models/digits
     python -m ray_apps serve --model digits@champion          # this app per model, plus the server app
+    serve deploy cluster_configs/serve/digits.yaml            # the same, declaratively
 
 Route prefix /v2/models/NAME (KServe V2: metadata, ready, stats, infer with JSON or binary tensors).
 The server application (`serve_deployments.app`) answers /v2, /v2/health/* and /v1, and forwards
@@ -289,6 +289,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     threads = cfg.intra_op_threads or max(1, round(cfg.num_cpus))
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.limits.max_ongoing_requests, "max_queued_requests": cfg.limits.max_queued_requests,
+        "backpressure_config": {"retry_after_s": 1},  # Serve's own 503 beyond those bounds (plain text)
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         "user_config": cfg.batching.model_dump(),
         "logging_config": {"log_level": "WARNING", "enable_access_log": cfg.access_log},

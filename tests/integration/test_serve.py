@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy_config(registry, digits_user_config: dict | None = None) -> None:
+def deploy_config(registry, reviews_user_config: dict | None = None) -> None:
     """Deploy the service the way `serve deploy` does (a config, applied by the controller), so a change
     of user_config alone is an in-place update; `serve.run` of a Python app restarts replicas."""
     from ray.serve.context import _get_global_client
@@ -42,8 +42,8 @@ def deploy_config(registry, digits_user_config: dict | None = None) -> None:
     apps = applications({"registry": str(registry), "models": ["digits@champion", "reviews"], "num_cpus": 0.25,
                          "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
                          "limits": {"body_timeout_s": SLOW_BODY_S}})
-    if digits_user_config:
-        apps[0]["deployments"] = [{"name": "ModelServer", "user_config": digits_user_config}]
+    if reviews_user_config:
+        apps[1]["deployments"] = [{"name": "ModelServer", "user_config": reviews_user_config}]
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": apps}), _blocking=True)
 
 
@@ -252,23 +252,25 @@ def test_a_slow_client_gets_408_after_the_body_deadline_and_holds_nothing(servic
 
 
 def test_user_config_changes_the_batch_size_without_restarting_replicas(service):
+    """On the text model, whose calls take long enough for concurrent requests to queue behind each other."""
     url, registry = service
     pids = replica_pids()
+    texts = [f"a fine film number {k}" for k in range(16)]
 
     def burst() -> int:
-        before = stats(url, "digits")["execution_count"]
-        with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda _: requests.post(f"{url}/v1/models/digits:predict",
-                                                          json={"instances": [DIGIT_ROW]}, timeout=30).status_code, range(8)))
-        assert codes == [200] * 8
-        return stats(url, "digits")["execution_count"] - before
+        before = stats(url, "reviews")["execution_count"]
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda t: requests.post(f"{url}/v1/models/reviews:predict",
+                                                          json={"instances": [t]}, timeout=30).status_code, texts))
+        assert codes == [200] * 16
+        return stats(url, "reviews")["execution_count"] - before
 
-    deploy_config(registry, {"max_batch_size": 1, "batch_wait_timeout_s": 0.05})
-    assert stats(url, "digits")["max_batch_size"] == 1
-    assert burst() == 8  # one model call per request
-    deploy_config(registry, {"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
-    assert stats(url, "digits")["max_batch_size"] == 16
-    assert burst() < 8
+    deploy_config(registry, reviews_user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.05})
+    assert stats(url, "reviews")["max_batch_size"] == 1
+    assert burst() == 16  # one model call per request
+    deploy_config(registry, reviews_user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.05})
+    assert stats(url, "reviews")["max_batch_size"] == 16
+    assert burst() < 16
     assert replica_pids() == pids
 
 

@@ -65,9 +65,11 @@ def test_a_replica_killed_under_load_costs_at_most_its_in_flight_requests_and_th
     result = replica_loss(base, args, digits_v2([ROW] * 8), clients=6)
     print(f"\nreplica loss: {result.model_dump()}")
     assert result.failed <= result.in_flight_at_kill, result
-    # HAProxy re-sends a request whose replica died before answering; what fails is explicit: a 5xx, or
-    # a reply the replica had begun when it was killed, cut short of its Content-Length
-    assert all(f.startswith("5") or "IncompleteRead" in f for f in result.failures), result.failures
+    # HAProxy re-sends a request whose replica died before answering. What still fails does so visibly to
+    # its client: a 5xx, a reply cut short of its Content-Length, or a connection closed with no reply
+    # (seen about once in three runs); never a wrong or silently empty answer.
+    visible = ("IncompleteRead", "RemoteDisconnected", "Connection aborted")
+    assert all(f.startswith("5") or any(v in f for v in visible) for f in result.failures), result.failures
     assert result.recovered_s is not None and result.ok_after, result
 
 
