@@ -186,7 +186,10 @@ class ModelServer:
         for p in batch:
             self.queue_wait.observe(max(0.0, self.batcher.clock() - p.arrived))
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, [p.instances for p in batch])
+            if len(batch) == 1 and batch[0].size <= 8 and not self.batcher.queue:  # a lone small request: no thread
+                outputs = self._run([batch[0].instances])  # hand-off (~0.7 ms at concurrency 1), nothing else waits
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, [p.instances for p in batch])
         except Exception as e:  # noqa: BLE001 - a failure of the whole call answers each request with it
             outputs = [e] * len(batch)
         for p, out in zip(batch, outputs):

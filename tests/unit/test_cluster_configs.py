@@ -1,6 +1,7 @@
 """The cluster configs are checked by the schemas of what reads them, without a Ray cluster: launcher
 YAMLs by Ray's cluster schema, KubeRay manifests by the CRDs' openAPIV3 schemas, Serve configs by Ray
-Serve and ServeArgs; the manifests are the output of `python -m ray_apps cluster render`, byte for byte.
+Serve and each application's own args model (ModelArgs, ServerArgs); the manifests are the output of
+`python -m ray_apps cluster render`, byte for byte.
 
     .venv/bin/python -m pytest tests/unit/test_cluster_configs.py -q
 """
@@ -211,6 +212,11 @@ def test_manifest_keeps_token_auth_on_and_services_cluster_internal(path):
             assert "#" in line.split("0.0.0.0")[1], line
 
 
+def _serves(doc: dict) -> bool:
+    """Clusters that may run Serve: the RayService's, and the RayCluster `serve deploy` may target."""
+    return doc["kind"] in ("RayCluster", "RayService")
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=ids)
 def test_network_policy_admits_only_labelled_same_namespace_pods(path):
     docs = _docs(path)
@@ -224,9 +230,9 @@ def test_network_policy_admits_only_labelled_same_namespace_pods(path):
     for rule in policy["spec"]["ingress"]:
         for peer in rule["from"]:
             assert "ipBlock" not in peer
-            if "namespaceSelector" in peer:  # the operator and Prometheus: one named namespace, one port
+            if "namespaceSelector" in peer:  # the operator and Prometheus: one named namespace, named ports
                 assert list(peer["namespaceSelector"]["matchLabels"]) == ["kubernetes.io/metadata.name"]
-                assert [p["port"] for p in rule["ports"]] in ([8265], [8080])
+                assert [p["port"] for p in rule["ports"]] in ([8265], [8080], [8080, 9101])
             else:
                 assert peer["podSelector"]["matchLabels"], "same-namespace pods with a label, never all"
 
@@ -247,6 +253,39 @@ def test_pods_are_annotated_for_the_committed_prometheus_scrape_config(path):
     assert keeps[("__meta_kubernetes_pod_annotation_prometheus_io_scrape",)] == "true"
 
 
+@pytest.mark.parametrize("path", MANIFESTS, ids=ids)
+def test_serving_clusters_start_ray_with_the_haproxy_ingress_env_and_training_clusters_without(path):
+    from serve_deployments.app import INGRESS_ENV
+
+    (ray,) = [d for d in _docs(path) if d["apiVersion"] == "ray.io/v1"]
+    expected = [{"name": k, "value": v} for k, v in INGRESS_ENV["haproxy"].items()] if _serves(ray) else None
+    for template in _pod_templates(ray):  # head and workers: HAProxy on one, the replicas' own servers on the other
+        (container,) = template["spec"]["containers"]
+        assert container.get("env") == expected, f"{path.name}: {container['name']}"
+    assert ("RAY_SERVE_ENABLE_HA_PROXY" in path.read_text()) == _serves(ray)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=ids)
+def test_haproxy_ports_are_open_to_the_workloads_own_pods_and_its_exporter_to_prometheus_only(path):
+    """Replicas' own servers (30000-31000) and the stats page (8404) bind every interface in a pod; only the
+    workload's pods (the rule without ports) reach them. The exporter (9101) is admitted to Prometheus too."""
+    from ray.serve._private import constants
+
+    docs = _docs(path)
+    (ray,) = [d for d in docs if d["apiVersion"] == "ray.io/v1"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    rules = policy["spec"]["ingress"]
+    own = [r for r in rules if "ports" not in r]
+    assert own == [{"from": [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]}]
+    ported = {(p["port"], json.dumps(r["from"], sort_keys=True)) for r in rules if "ports" in r for p in r["ports"]}
+    assert all("endPort" not in p for r in rules for p in r.get("ports", []))
+    haproxy = {constants.RAY_SERVE_HAPROXY_STATS_PORT, constants.RAY_SERVE_HAPROXY_METRICS_PORT,
+               *range(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT + 1)}
+    admitted = {(port, peers) for port, peers in ported if port in haproxy}
+    monitoring = json.dumps([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}])
+    assert admitted == ({(constants.RAY_SERVE_HAPROXY_METRICS_PORT, monitoring)} if _serves(ray) else set())
+
+
 def test_rayservice_ships_the_grafana_dashboard_for_the_sidecar():
     (path,) = [p for p, d in _ray_docs() if d["kind"] == "RayService"]
     (configmap,) = [d for d in _docs(path) if d["kind"] == "ConfigMap"]
@@ -259,13 +298,51 @@ def test_rayservice_ships_the_grafana_dashboard_for_the_sidecar():
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "serve").glob("*.yaml")), ids=ids)
 def test_committed_serve_config_validates(path):
-    _validate_serve_config(path)  # Ray Serve's schema, ServeArgs, host 127.0.0.1
+    _validate_serve_config(path)  # Ray Serve's schema, each app's args by its builder, host 127.0.0.1
 
 
-def test_rayservice_serve_config_validates_and_runs_the_committed_app():
+def _as_deployed(apps: list[dict]) -> list[dict]:
+    """Applications with their args as the builders read them (defaults filled in), deployment overrides aside."""
+    from serve_deployments.config import ModelArgs, ServerArgs
+
+    kinds = {"serve_deployments.model:build_app": ModelArgs, "serve_deployments.app:build_app": ServerArgs}
+    return [{"name": a["name"], "route_prefix": a["route_prefix"], "import_path": a["import_path"],
+             "args": kinds[a["import_path"]].model_validate(a["args"]).model_dump()} for a in apps]
+
+
+def test_digits_serve_config_deploys_what_applications_builds_for_its_settings():
+    """The declarative deployment and `python -m ray_apps serve` deploy the same two applications."""
+    from serve_deployments.app import applications
+
+    committed = yaml.safe_load((CONFIGS / "serve" / "digits.yaml").read_text())["applications"]
+    assert [a["name"] for a in committed] == ["model-digits", "rayfoundry"]
+    model_args = dict(committed[0]["args"])
+    ref = model_args.pop("model")
+    settings = model_args | {"models": [ref]}  # ServeArgs: the model app's settings, for each listed ref
+    # applications() gives the server application the models' limits (its /v1 timeouts and body bounds): a model
+    # app whose limits differ from the defaults needs the same limits under the server application's args.
+    assert _as_deployed(committed) == _as_deployed(applications(settings))
+    assert committed[0]["deployments"] == [{"name": "ModelServer", "user_config": model_args["batching"]}]
+
+
+def test_digits_serve_config_header_exports_the_haproxy_ingress_env():
+    from serve_deployments.app import INGRESS_ENV
+
+    lines = (CONFIGS / "serve" / "digits.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   export "))
+    command = lines[start].lstrip("# ")
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + lines[start].lstrip("#")
+    words = shlex.split(command)
+    assert words[0] == "export"
+    assert dict(w.split("=", 1) for w in words[1:]) == INGRESS_ENV["haproxy"]
+
+
+def test_rayservice_serve_config_validates_and_runs_the_committed_apps(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_deployments.config import ServeArgs
+    from ray_apps.manifests import load_serve_config
 
     (rayservice,) = [d for _, d in _ray_docs() if d["kind"] == "RayService"]
     embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
@@ -273,13 +350,61 @@ def test_rayservice_serve_config_validates_and_runs_the_committed_app():
     spec = yaml.safe_load((CONFIGS / "cluster.yaml").read_text())
     source = yaml.safe_load((CONFIGS / "serve" / "digits.yaml").read_text())
     assert config.http_options.host == "0.0.0.0" and config.http_options.port == source["http_options"]["port"]
-    for app, committed in zip(config.applications, source["applications"], strict=True):
-        args = ServeArgs.model_validate(app.args)
-        assert args.registry == spec["registry_uri"]
-        assert app.args | {"registry": committed["args"]["registry"]} == committed["args"]
-        assert app.runtime_env["working_dir"] == spec["code_uri"]
-        assert any(p.startswith("torch==") for p in app.runtime_env["pip"]["packages"])
-        assert not any(p.startswith("ray") for p in app.runtime_env["pip"]["packages"]), "the image holds ray"
+    for app, committed in zip(embedded["applications"], source["applications"], strict=True):
+        if app["import_path"] == "serve_deployments.model:build_app":  # the model replicas read the cluster's registry
+            assert app["args"]["registry"] == spec["registry_uri"]
+            assert app["args"] | {"registry": committed["args"]["registry"]} == committed["args"]
+        else:
+            assert app["args"] == committed["args"]
+        assert {k: v for k, v in app.items() if k not in ("args", "runtime_env")} == \
+            {k: v for k, v in committed.items() if k != "args"}
+        assert app["runtime_env"]["working_dir"] == spec["code_uri"]
+        assert any(p.startswith("torch==") for p in app["runtime_env"]["pip"]["packages"])
+        assert not any(p.startswith("ray") for p in app["runtime_env"]["pip"]["packages"]), "the image holds ray"
+    path = tmp_path / "embedded.yaml"
+    path.write_text(rayservice["spec"]["serveConfigV2"])
+    assert load_serve_config(path) == embedded  # the embedded config passes the same checks as the committed one
+
+
+MISSING = object()
+
+
+@pytest.mark.parametrize("app, where, value, message", [
+    (0, ["args", "batching", "max_batch_sise"], 8, "application model-digits args: batching.max_batch_sise: unknown field"),
+    (0, ["args", "models"], ["digits"], "application model-digits args: models: unknown field"),  # ServeArgs', not ModelArgs'
+    (0, ["args", "model"], MISSING, "application model-digits args: model: required field is missing"),
+    (1, ["args", "registry"], "registry", "application rayfoundry args: registry: unknown field"),  # ModelArgs', not ServerArgs'
+    (0, ["import_path"], "serve_deployments.models:build_app", "application model-digits: import_path "
+     "'serve_deployments.models:build_app' is not one of serve_deployments.model:build_app, serve_deployments.app:build_app"),
+    (0, ["route_prefix"], "/digits",
+     "application model-digits: route_prefix must be /v2/models/digits for model digits@champion"),
+    (0, ["deployments", 0, "name"], "model-digits",
+     "application model-digits: deployments: 'model-digits' is not a deployment of it (only ModelServer)"),
+    (0, ["deployments", 0, "user_config", "max_batch_size"], 0, "application model-digits: ModelServer user_config: "
+     "max_batch_size: Input should be greater than or equal to 1 (got 0)"),
+    (1, ["args", "models"], ["digits", "sst2"], "application rayfoundry: models: sst2 has no application "
+     "(add one with import_path serve_deployments.model:build_app and model sst2[@ALIAS])"),
+], ids=["model-app-unknown-field", "model-app-takes-no-models", "model-app-needs-a-model", "server-app-takes-no-registry",
+        "unknown-builder", "model-route-follows-its-name", "model-deployment-is-ModelServer", "live-batching-is-checked",
+        "server-names-a-model-without-an-app"])
+def test_serve_config_error_names_the_file_the_application_and_the_field(app, where, value, message, tmp_path):
+    """Each application's args are checked by its own builder's model, chosen by import_path, before anything deploys."""
+    from ray_apps.manifests import load_serve_config
+    from rayfoundry.errors import ConfigError
+
+    raw = yaml.safe_load((CONFIGS / "serve" / "digits.yaml").read_text())
+    parent = raw["applications"][app]
+    for key in where[:-1]:
+        parent = parent[key]
+    if value is MISSING:
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = value
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as caught:
+        load_serve_config(path)
+    assert str(caught.value) == f"{path}: {message}"
 
 
 # The render CLI

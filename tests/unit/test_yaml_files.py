@@ -43,15 +43,16 @@ def _validate_logging_config(path: Path) -> None:
 def _validate_serve_config(path: Path) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_deployments.config import ServeArgs
+    from ray_apps.manifests import MODEL_BUILDER, load_serve_config
+    from serve_deployments.config import Batching, ModelArgs
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    assert config.http_options.host == "127.0.0.1", "Serve binds loopback unless a config says otherwise"
-    for app in config.applications:
-        assert app.import_path == "serve_deployments.app:build_app"
-        ServeArgs.model_validate(app.args)  # the builder's own typed arguments
-        names = {f"model-{ref.split('@')[0].split(':')[0]}" for ref in app.args["models"]}
-        assert {d.name for d in app.deployments or []} <= names, "deployment overrides name model-<model>"
+    raw = load_serve_config(path)  # Ray Serve's schema, then each app's args by its builder's own model
+    assert ServeDeploySchema.model_validate(raw).http_options.host == "127.0.0.1", \
+        "Serve binds loopback unless a config says otherwise"
+    for app in raw["applications"]:
+        for deployment in app.get("deployments", []) if app["import_path"] == MODEL_BUILDER else []:
+            live = Batching.model_validate(deployment["user_config"])
+            assert live == ModelArgs.model_validate(app["args"]).batching, f"{app['name']}: user_config != args.batching"
 
 
 def _validate_tune_job(path: Path) -> None:
