@@ -46,26 +46,43 @@ class Pending:
 
 
 class LatencyFit:
-    """Engine time of a batch of n instances, fitted as a*n + b over the last `window` calls."""
+    """Engine time of a batch of n instances, fitted as a*n + b over the last `window` calls. The fit
+    is redone when it is next read, so a replica without an SLO only appends to a window."""
 
     def __init__(self, window: int = 256, quantile: float = 99.0):
         self.calls: deque[tuple[int, float]] = deque(maxlen=window)
         self.quantile = quantile
-        self.a, self.b, self.margin = 0.0, 0.0, 1.0
+        self._fit, self._stale = (0.0, 0.0, 1.0), False
 
     def observe(self, n: int, seconds: float) -> None:
         self.calls.append((n, seconds))
-        ns = np.array([c[0] for c in self.calls], dtype=np.float64)
-        ts = np.array([c[1] for c in self.calls], dtype=np.float64)
-        if np.ptp(ns) > 0:
-            a, b = np.polyfit(ns, ts, 1)
-            self.a, self.b = max(float(a), 0.0), max(float(b), 0.0)
-            if self.a == 0.0:  # time fell with size: noise; charge it all per instance
-                self.a, self.b = float(np.mean(ts / ns)), 0.0
-        else:  # one size seen so far: a per-instance cost over-estimates larger batches (safe)
-            self.a, self.b = float(np.mean(ts / ns)), 0.0
-        predicted = np.maximum(self.a * ns + self.b, 1e-9)
-        self.margin = max(1.0, float(np.percentile(ts / predicted, self.quantile)))
+        self._stale = True
+
+    def _refit(self) -> tuple[float, float, float]:
+        if self._stale:
+            ns = np.array([c[0] for c in self.calls], dtype=np.float64)
+            ts = np.array([c[1] for c in self.calls], dtype=np.float64)
+            a, b = float(np.mean(ts / ns)), 0.0  # one size seen: per-instance cost over-estimates larger batches (safe)
+            if np.ptp(ns) > 0:
+                slope, intercept = np.polyfit(ns, ts, 1)
+                if slope > 0:  # time falling with size is noise: keep charging it all per instance
+                    a, b = float(slope), max(float(intercept), 0.0)
+            predicted = np.maximum(a * ns + b, 1e-9)
+            self._fit = (a, b, max(1.0, float(np.percentile(ts / predicted, self.quantile))))
+            self._stale = False
+        return self._fit
+
+    @property
+    def a(self) -> float:
+        return self._refit()[0]
+
+    @property
+    def b(self) -> float:
+        return self._refit()[1]
+
+    @property
+    def margin(self) -> float:
+        return self._refit()[2]
 
     @property
     def ready(self) -> bool:
@@ -73,7 +90,8 @@ class LatencyFit:
 
     def predict(self, n: int) -> float:
         """Seconds a batch of n instances takes, at the 99th percentile of what was seen."""
-        return (self.a * n + self.b) * self.margin
+        a, b, margin = self._refit()
+        return (a * n + b) * margin
 
 
 @dataclass(frozen=True)
@@ -224,7 +242,7 @@ class Batcher:
             batch = self._pop(plan.take)
             size = sum(p.size for p in batch)
             self.stats["last_batch"], self.running = size, len(batch)
-            self.busy_until = self.clock() + (self.fit.predict(size) if self.fit.ready else 0.0)
+            self.busy_until = self.clock() + (self.fit.predict(size) if self.planner.slo_s and self.fit.ready else 0.0)
             try:
                 await self.engine(batch)
             except Exception as e:  # noqa: BLE001 - the engine answers per request; this is its last resort

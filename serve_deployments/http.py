@@ -4,25 +4,34 @@ body reading, and the V2 input tensor -> instances mapping."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayfoundry.errors import describe_validation_error
 from serve_deployments.protocol import ApiError
 
 
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(doc, separators=(",", ":")).encode(), status, headers, media_type="application/json")
+
+
+def error_response(exc: ApiError) -> Response:
+    """{"error": "..."} with the error's status; 503s carry Retry-After."""
+    return json_response({"error": exc.message}, exc.status, {"retry-after": "1"} if exc.status == 503 else None)
+
+
 def json_errors(api: FastAPI) -> FastAPI:
     """Every error `api` answers is {"error": "..."}; 503s carry Retry-After."""
 
     @api.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status,
-                            headers={"retry-after": "1"} if exc.status == 503 else None)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return error_response(exc)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

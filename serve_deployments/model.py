@@ -14,42 +14,28 @@ its own, with one vectorized encode for all requests; probabilities are split ba
 and a request whose rows give non-finite outputs fails alone, with nothing re-run.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the real `Request` annotation.
+from __future__ import annotations
+
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
 
 from serve_deployments.batching import Batcher, Pending, Refused
-from serve_deployments.http import BodyReader, json_errors, v2_instances
+from serve_deployments.http import BodyReader, error_response, json_response, v2_instances
 from serve_deployments.instances import InstanceError, InstanceSpec
 from serve_deployments.protocol import BINARY_HEADER, ApiError, parse_v2, v2_response
 
+logger = logging.getLogger("ray.serve")
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CALIBRATION_SIZES = (1, 4, 16)  # batch sizes timed at start-up, so the SLO fit has a line from the first request
-
-class _PrefixIsRoot:
-    """GET /v2/models/NAME is the model's metadata: its path is the route prefix itself, which FastAPI
-    would redirect to PREFIX/ (a 307 clients such as tritonclient do not follow)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("root_path") and scope["path"] == scope["root_path"]:
-            scope = scope | {"path": scope["path"] + "/"}
-        await self.app(scope, receive, send)
-
-
-api = json_errors(FastAPI(title="rayfoundry model", version="1"))
-api.add_middleware(_PrefixIsRoot)
-
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -57,7 +43,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
-@serve.ingress(api)
 class ModelServer:
     def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, limits: dict[str, Any]):
         from model_registry.predictor import Predictor
@@ -186,10 +171,9 @@ class ModelServer:
         for p in batch:
             self.queue_wait.observe(max(0.0, self.batcher.clock() - p.arrived))
         try:
-            if len(batch) == 1 and batch[0].size <= 8 and not self.batcher.queue:  # a lone small request: no thread
-                outputs = self._run([batch[0].instances])  # hand-off (~0.7 ms at concurrency 1), nothing else waits
-            else:
-                outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, [p.instances for p in batch])
+            # Always on the engine thread, even for a lone request (running it on the event loop saves a
+            # hand-off but stops the loop reading the requests that would form the next batch).
+            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, [p.instances for p in batch])
         except Exception as e:  # noqa: BLE001 - a failure of the whole call answers each request with it
             outputs = [e] * len(batch)
         for p, out in zip(batch, outputs):
@@ -239,14 +223,43 @@ class ModelServer:
                 "probabilities": np.round(probs, 6).tolist()}  # finite: _run answers non-finite rows with errors
 
     # --- HTTP: KServe V2 under /v2/models/NAME -------------------------------------------------
+    async def __call__(self, request: Request) -> Response:
+        """Serve hands this replica each HTTP request under the route prefix. Six routes do not need a
+        web framework: FastAPI's middleware and dependency solving cost about a third of the event
+        loop's time per request here (py-spy, benchmarks/serve_load.py at concurrency 32)."""
+        try:
+            return await self._route(request)
+        except ApiError as e:
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001 - a bug answers this request with a JSON 500; the replica goes on
+            logger.exception("%s: %s %s failed", self.name, request.method, request.scope["path"])
+            return error_response(ApiError(500, f"internal error: {type(e).__name__}"))
+
+    async def _route(self, request: Request) -> Response:
+        path = request.scope["path"][len(request.scope.get("root_path", "")):].strip("/")
+        parts = path.split("/") if path else []
+        version = None
+        if parts[:1] == ["versions"] and len(parts) >= 2:
+            version, parts = parts[1], parts[2:]
+        leaf = parts[0] if len(parts) == 1 else ("" if not parts else None)
+        allowed = {"": "GET", "ready": "GET", "stats": "GET", "infer": "POST"}.get(leaf) if leaf is not None else None
+        if allowed is None or (leaf == "stats" and version is not None):
+            raise ApiError(404, f"no route {request.scope['path']!r} for model {self.name} (routes: infer, ready, "
+                                "stats, versions/VERSION[/infer|/ready])")
+        if request.method != allowed:
+            raise ApiError(405, f"{request.method} {request.scope['path']}: use {allowed}")
+        self._version(version)
+        if leaf == "infer":
+            return await self.infer(request)
+        doc = self.metadata() if leaf == "" else {"name": self.name, "ready": True} if leaf == "ready" else \
+            {"model_stats": [{"name": self.name, "version": self.version} | self.statistics()]}
+        return json_response(doc)
+
     def _version(self, version: str | None) -> None:
         if version is not None and version != self.version:
             raise ApiError(404, f"model {self.name} has no version {version!r} here (serving version {self.version})")
 
-    @api.get("/")
-    @api.get("/versions/{version}")
-    async def metadata(self, version: str | None = None) -> dict[str, Any]:
-        self._version(version)
+    def metadata(self) -> dict[str, Any]:
         if self.kind == "text":
             inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
         else:
@@ -256,20 +269,7 @@ class ModelServer:
                                               {"name": "label", "datatype": "BYTES", "shape": [-1]}],
                 "parameters": {"labels": self.labels}}
 
-    @api.get("/ready")
-    @api.get("/versions/{version}/ready")
-    async def ready(self, version: str | None = None) -> dict[str, Any]:
-        self._version(version)
-        return {"name": self.name, "ready": True}
-
-    @api.get("/stats")
-    async def stats_v2(self) -> dict[str, Any]:
-        return {"model_stats": [{"name": self.name, "version": self.version} | self.statistics()]}
-
-    @api.post("/infer")
-    @api.post("/versions/{version}/infer")
-    async def infer(self, request: Request, version: str | None = None) -> Response:
-        self._version(version)
+    async def infer(self, request: Request) -> Response:
         req, tensors = parse_v2(await self.bodies.read(request), request.headers.get(BINARY_HEADER))
         instances = v2_instances(self.name, self.kind, self.num_features, tensors)
         body, headers = v2_response(req, await self._predict(instances, "v2"))

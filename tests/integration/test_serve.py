@@ -93,6 +93,19 @@ def stats(url: str, model: str) -> dict:
     return requests.get(f"{url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
 
 
+def together(fn, items: list) -> list:
+    """fn over items from one thread each, released at the same moment, so the requests queue behind
+    each other in the replica (a batch forms from what is queued when the engine is free)."""
+    start = threading.Barrier(len(items))
+
+    def call(item):
+        start.wait()
+        return fn(item)
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(call, items))
+
+
 def test_v1_v2_json_and_tritonclient_binary_give_the_same_answers(service):
     import tritonclient.http as triton
 
@@ -195,16 +208,17 @@ def test_bad_request_gets_its_status_and_a_json_error(service, case):
 
 
 def test_a_poisoned_instance_fails_only_its_own_request_in_a_batch(service):
+    """On the text model, whose calls take long enough for simultaneous requests to queue into one batch."""
     url, _ = service
-    before = stats(url, "digits")
-    bodies = [{"instances": [DIGIT_ROW]}] * 6 + [{"instances": [DIGIT_ROW[:63]]}]  # one row a pixel short
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda b: requests.post(f"{url}/v1/models/digits:predict", json=b, timeout=30), bodies))
-    assert [a.status_code for a in answers] == [200] * 6 + [422]
-    assert "shape [1, 63]" in answers[-1].json()["error"]
-    after = stats(url, "digits")
-    assert after["inference_count"] - before["inference_count"] == 6
-    assert after["execution_count"] - before["execution_count"] < 6  # the good ones really were batched
+    before = stats(url, "reviews")
+    texts = [[f"a fine film number {k}"] for k in range(12)] + [["   "]]
+    answers = together(lambda t: requests.post(f"{url}/v2/models/reviews/infer", timeout=30, json={
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": t}]}), texts)
+    assert [a.status_code for a in answers] == [200] * 12 + [422]
+    assert "instances[0]: empty text" in answers[-1].json()["error"]
+    after = stats(url, "reviews")
+    assert after["inference_count"] - before["inference_count"] == 12
+    assert after["execution_count"] - before["execution_count"] < 12  # the good ones really were batched
 
 
 def test_huge_and_non_finite_inputs_fail_only_their_own_request_without_rerunning_the_batch(service):
@@ -259,9 +273,8 @@ def test_user_config_changes_the_batch_size_without_restarting_replicas(service)
 
     def burst() -> int:
         before = stats(url, "reviews")["execution_count"]
-        with ThreadPoolExecutor(16) as pool:
-            codes = list(pool.map(lambda t: requests.post(f"{url}/v1/models/reviews:predict",
-                                                          json={"instances": [t]}, timeout=30).status_code, texts))
+        codes = together(lambda t: requests.post(f"{url}/v1/models/reviews:predict", json={"instances": [t]},
+                                                 timeout=30).status_code, texts)
         assert codes == [200] * 16
         return stats(url, "reviews")["execution_count"] - before
 
