@@ -62,6 +62,7 @@ class ModelServer:
         self.bodies = BodyReader(limits["max_body_bytes"], limits["body_timeout_s"], limits["max_bodies_in_flight"])
         self.stats = {"inference_count": 0, "execution_count": 0, "engine_calls": 0, "failed_count": 0,
                       "encode_seconds": 0.0, "engine_seconds": 0.0}
+        self.fit_exported = 0.0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one call at a time; the loop stays free
         self.batcher = Batcher(self._engine, max_batch_size=32, max_queued_instances=limits["max_queued_instances"])
         self._metrics()
@@ -188,9 +189,10 @@ class ModelServer:
             else:
                 p.future.set_result(self._answer(out))
         self.inference.observe(time.perf_counter() - started)
-        fit = self.batcher.fit
-        for term, value in (("per_instance", fit.a), ("fixed", fit.b), ("margin", fit.margin)):
-            self.fit_gauge.set(value, tags={"term": term})
+        if self.batcher.planner.slo_s and started - self.fit_exported > 1.0:  # the fit, once a second at most
+            fit, self.fit_exported = self.batcher.fit, started
+            for term, value in (("per_instance", fit.a), ("fixed", fit.b), ("margin", fit.margin)):
+                self.fit_gauge.set(value, tags={"term": term})
 
     def _run(self, parts: list[Any]) -> list[np.ndarray | InstanceError]:
         """One vectorized encode + engine call for all requests' instances: probabilities per request,
