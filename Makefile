@@ -63,8 +63,9 @@ bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one proc
 bench-inference: $(STAMP)  ## MiniLM inference: torch fp32/bf16 vs ONNX Runtime fp32/int8, latency and accuracy (~6 min)
 	$(PY) benchmarks/inference_engines.py
 
-bench-serve: $(STAMP)  ## HTTP load: Serve with/without batching vs FastAPI+torch vs offline, CPU breakdown (~5 min)
+bench-serve: $(STAMP)  ## HTTP load vs the offline ceiling and a hand-written server, levers, CPU; then scaling events (~14 min)
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/serve_events.py
 
 bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial overhead (~8 min)
 	$(PY) benchmarks/tune_efficiency.py

@@ -4,12 +4,15 @@ on a tiny digits model with short delays; `make bench-serve` runs them on the SS
 
     .venv/bin/python benchmarks/serve_events.py                 # SST-2 package, ~3 min on 2 cores
 
+Writes benchmarks/results/serve_events.json.
+
 Each scenario deploys one model application of its own on the running Serve and returns a typed
 record of what it measured.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -236,6 +239,11 @@ def main() -> None:
           f"then {cold.warm_ms:.0f} ms |")
     print(f"| one of 2 replicas killed under 16 clients | {loss.failed} failed of {loss.in_flight_at_kill} in flight; "
           f"recovered in {loss.recovered_s:.1f} s; all ok after: {loss.ok_after} |")
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "serve_events.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(), "package": pkg.ref,
+        "scale_up": up.model_dump(), "cold_start": cold.model_dump(), "replica_loss": loss.model_dump()}, indent=2))
     serve.shutdown()
     ray.shutdown()
 
