@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
     if starts_ray:  # Serve reads its ingress settings when Ray starts
         os.environ.update(ingress_env(args.ingress))
     import importlib
+    import logging
 
     from ray import serve
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per deployed application
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})  # the proxy's access log too
@@ -105,11 +107,8 @@ def run(args: argparse.Namespace) -> int:
     # Remove these applications only: on a shared cluster other Serve apps keep running. A local Ray this
     # process started ends with it, Serve's controller included (serve.shutdown() would kill the
     # controller while its own graceful-shutdown task is still pending, which the raylet reports).
-    import logging
-
     import ray
 
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line for a delete the user asked for
     for app in reversed(apps):
         serve.delete(app["name"])
     ray.shutdown()
