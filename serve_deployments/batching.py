@@ -32,7 +32,11 @@ import numpy as np
 
 
 class Refused(Exception):
-    """The request cannot be answered in time (503), or the queue is full."""
+    """The request cannot be answered in time (slo=True), or the queue is full: a 503."""
+
+    def __init__(self, message: str, slo: bool = False):
+        super().__init__(message)
+        self.slo = slo
 
 
 @dataclass
@@ -186,7 +190,8 @@ class Batcher:
                           f"would pass the bound of {self.max_queued_instances}")
         if not self.planner.admits(now, self.queued_instances, size, self.busy_until, self.max_batch_size):
             self.stats["refused_slo"] += 1
-            raise Refused(f"the queue ahead would take this request past the {self.planner.slo_s * 1e3:g} ms p99 SLO")
+            raise Refused(f"the queue ahead would take this request past the {self.planner.slo_s * 1e3:g} ms p99 SLO",
+                          slo=True)
         item = Pending(instances, size, now, asyncio.get_running_loop().create_future())
         self.queue.append(item)
         self.queued_instances += size
@@ -225,8 +230,8 @@ class Batcher:
             for p in self._pop(plan.refuse):
                 self.stats["refused_slo"] += 1
                 if not p.future.done():
-                    p.future.set_exception(Refused(f"the request waited past the {self.planner.slo_s * 1e3:g} ms "
-                                                   "p99 SLO before the engine was free"))
+                    late = f"the request waited past the {self.planner.slo_s * 1e3:g} ms p99 SLO before the engine was free"
+                    p.future.set_exception(Refused(late, slo=True))
             if plan.wait_s > 0:
                 self.arrived.clear()
                 try:

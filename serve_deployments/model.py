@@ -152,7 +152,7 @@ class ModelServer:
             except TimeoutError:  # the batcher drops it if its batch has not started
                 raise ApiError(408, f"model {self.name} did not answer within {self.limits['request_timeout_s']:g}s") from None
             except Refused as e:
-                if "SLO" in str(e):
+                if e.slo:
                     self.slo_refused.inc()
                 raise ApiError(503, f"model {self.name}: {e}; retry shortly") from None
             except InstanceError as e:
