@@ -183,6 +183,18 @@ class Batcher:
         self.fit.observe(n, seconds)
 
     async def submit(self, instances: Any, size: int) -> Any:
+        """The request's answer; a caller cancelled before its batch starts is dropped from the queue."""
+        future = self.enqueue(instances, size)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up (408, disconnect): drop it if not started
+            if not future.done():
+                future.cancel()
+            raise
+
+    def enqueue(self, instances: Any, size: int) -> asyncio.Future:
+        """Queue a request, or raise Refused. Cancelling the returned future before its batch starts
+        drops the request (asyncio.wait_for on it does, with no task per request as submit needs)."""
         now = self.clock()
         if self.queued_instances + size > self.max_queued_instances:
             self.stats["refused_full"] += 1
@@ -198,12 +210,7 @@ class Batcher:
         self.arrived.set()
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._loop())
-        try:
-            return await item.future
-        except asyncio.CancelledError:  # the caller gave up (408, disconnect): drop it if not started
-            if not item.future.done():
-                item.future.cancel()
-            raise
+        return item.future
 
     def _pop(self, k: int) -> list[Pending]:
         out = [self.queue.popleft() for _ in range(k)]

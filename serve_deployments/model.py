@@ -148,8 +148,8 @@ class ModelServer:
             except InstanceError as e:
                 raise ApiError(422, str(e)) from None
             try:
-                answer = await asyncio.wait_for(self.batcher.submit(rows, len(rows)), self.limits["request_timeout_s"])
-            except TimeoutError:  # the batcher drops it if its batch has not started
+                answer = await asyncio.wait_for(self.batcher.enqueue(rows, len(rows)), self.limits["request_timeout_s"])
+            except TimeoutError:  # wait_for cancelled the future: the batcher drops it if its batch has not started
                 raise ApiError(408, f"model {self.name} did not answer within {self.limits['request_timeout_s']:g}s") from None
             except Refused as e:
                 if e.slo:

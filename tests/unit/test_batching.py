@@ -103,14 +103,16 @@ class Simulation:
             for n in list(range(1, 9)) * 4:
                 self.batcher.observe(n, A * n + B)
 
-    def run(self, requests: list[tuple], at: list[tuple[float, Callable[[], Any]]] = ()) -> list[tuple[Any, float]]:
-        """Send each request (arrival time, instances[, caller's timeout]) and call each `at` hook
-        (time, fn) at its time; return each request's outcome (answer or exception, time it came back)."""
+    def run(self, requests: list[tuple], at: list[tuple[float, Callable[[], Any]]] = (),
+            via: str = "submit") -> list[tuple[Any, float]]:
+        """Send each request (arrival time, instances[, caller's timeout]) through `via` (submit, or
+        enqueue as the replica does) and call each `at` hook (time, fn) at its time; return each
+        request's outcome (answer or exception, time it came back)."""
 
         async def request(arrival: float, instances: list[str], timeout: float | None = None) -> tuple[Any, float]:
             await asyncio.sleep(arrival - self.clock())
-            call = self.batcher.submit(instances, len(instances))
             try:
+                call = getattr(self.batcher, via)(instances, len(instances))
                 outcome = await (asyncio.wait_for(call, timeout) if timeout else call)
             except (Refused, EngineError, TimeoutError) as e:
                 outcome = e
@@ -338,10 +340,11 @@ def test_a_request_whose_deadline_passes_during_the_batch_wait_is_refused_not_ru
     assert answered(c, ["c"])
 
 
-def test_a_request_cancelled_before_its_batch_starts_never_reaches_the_engine():
+@pytest.mark.parametrize("via", ["submit", "enqueue"])
+def test_a_request_cancelled_before_its_batch_starts_never_reaches_the_engine(via):
     sim = Simulation(max_batch_size=8)
     # c's caller gives up at 0.04 (as asyncio.wait_for does on the replica's request timeout), while a runs
-    a, b, c, d = sim.run([(0.0, ["a"]), (0.01, ["b"]), (0.02, ["c"], 0.02), (0.03, ["d"])])
+    a, b, c, d = sim.run([(0.0, ["a"]), (0.01, ["b"]), (0.02, ["c"], 0.02), (0.03, ["d"])], via=via)
     assert isinstance(c[0], TimeoutError) and c[1] == pytest.approx(0.04)
     assert answered(a, ["a"]) and answered(b, ["b"]) and answered(d, ["d"])
     assert sim.engine.batches == [[["a"]], [["b"], ["d"]]]
