@@ -197,6 +197,8 @@ class Batcher:
         drops the request (asyncio.wait_for on it does, with no task per request as submit needs)."""
         now = self.clock()
         if self.queued_instances + size > self.max_queued_instances:
+            self._drop_cancelled()  # requests whose callers gave up while a long batch ran free their room
+        if self.queued_instances + size > self.max_queued_instances:
             self.stats["refused_full"] += 1
             raise Refused(f"{self.queued_instances} instances are queued in this replica; this request's {size} "
                           f"would pass the bound of {self.max_queued_instances}")

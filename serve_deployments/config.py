@@ -57,10 +57,17 @@ class Limits(Section):
                                      "more get 503 at once.")
     request_timeout_s: float = Field(30, gt=0, description="A request unanswered this long gets 408 (and is cancelled).")
     body_timeout_s: float = Field(10, gt=0, description="A request body not received this long gets 408 (slow clients).")
-    max_bodies_in_flight: int = Field(256, ge=1, description="Request bodies one ingress replica receives at once; "
+    max_bodies_in_flight: int = Field(64, ge=1, description="Request bodies one ingress replica receives at once; "
                                       "more get 503 at once, so slow clients cannot hold every slot.")
     max_queued_instances: int = Field(8192, ge=1, description="Instances waiting in one model replica, over all its "
                                       "requests; a request that would pass this gets 503 at once.")
+
+    @model_validator(mode="after")
+    def _bodies_below_ongoing(self) -> Limits:
+        if self.max_bodies_in_flight >= self.max_ongoing_requests:
+            raise ValueError(f"max_bodies_in_flight ({self.max_bodies_in_flight}) must be below max_ongoing_requests "
+                             f"({self.max_ongoing_requests}), or slow clients can hold every slot of a model replica")
+        return self
 
 
 class ModelArgs(Section):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,12 @@ def json_errors(api: FastAPI) -> FastAPI:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        """Anything else (a model replica gone mid-call, a bug): a JSON 500 naming only its type."""
+        logging.getLogger("ray.serve").exception("%s %s failed", request.method, request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}; retry shortly"))
+
     return api
 
 
@@ -54,7 +62,7 @@ class BodyReader:
 
     async def read(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.limit:
+        if declared and re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > self.limit:
             raise ApiError(413, f"request body of {declared} bytes; the limit is {self.limit}")
         if self.in_flight >= self.max_in_flight:
             raise ApiError(503, f"{self.in_flight} request bodies are being received; retry shortly")

@@ -59,6 +59,10 @@ class InstanceSpec:
                 raise InstanceError(f"instances[{i}]: empty text")
             if len(text) > self.max_text_chars:
                 raise InstanceError(f"instances[{i}]: text of {len(text)} characters; the limit is {self.max_text_chars}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no tokenizer takes it
+                raise InstanceError(f"instances[{i}]: text holds an unpaired surrogate (not valid Unicode)") from None
         return list(instances)
 
     def _numbers(self, instances: Any) -> np.ndarray:

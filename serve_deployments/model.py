@@ -30,7 +30,7 @@ from starlette.responses import Response
 from serve_deployments.batching import Batcher, Pending, Refused
 from serve_deployments.http import BodyReader, error_response, json_response, v2_instances
 from serve_deployments.instances import InstanceError, InstanceSpec
-from serve_deployments.protocol import BINARY_HEADER, ApiError, parse_v2, v2_response
+from serve_deployments.protocol import BINARY_HEADER, ApiError, check_outputs, parse_v2, v2_response
 
 logger = logging.getLogger("ray.serve")
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
@@ -171,12 +171,19 @@ class ModelServer:
         started = time.perf_counter()
         for p in batch:
             self.queue_wait.observe(max(0.0, self.batcher.clock() - p.arrived))
+        loop = asyncio.get_running_loop()
         try:
             # Always on the engine thread, even for a lone request (running it on the event loop saves a
             # hand-off but stops the loop reading the requests that would form the next batch).
-            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, [p.instances for p in batch])
-        except Exception as e:  # noqa: BLE001 - a failure of the whole call answers each request with it
-            outputs = [e] * len(batch)
+            outputs = await loop.run_in_executor(self.pool, self._run, [p.instances for p in batch])
+        except Exception:  # noqa: BLE001 - rare (inputs pass their checks first): find the request that breaks it
+            logger.exception("%s: an engine call for %d requests failed; running them one by one", self.name, len(batch))
+            outputs = []
+            for p in batch:
+                try:
+                    outputs.extend(await loop.run_in_executor(self.pool, self._run, [p.instances]))
+                except Exception as e:  # noqa: BLE001 - answered to that request only
+                    outputs.append(e)
         for p, out in zip(batch, outputs):
             if p.future.done():  # cancelled while the call ran
                 continue
@@ -185,7 +192,8 @@ class ModelServer:
                 p.future.set_exception(out)
             elif isinstance(out, Exception):
                 self.stats["failed_count"] += 1
-                p.future.set_exception(ApiError(500, f"model {self.name} could not score this request: {out}"))
+                p.future.set_exception(ApiError(500, f"model {self.name} could not score this request "
+                                                     f"({type(out).__name__}); the replica's log has the details"))
             else:
                 p.future.set_result(self._answer(out))
         self.inference.observe(time.perf_counter() - started)
@@ -273,6 +281,7 @@ class ModelServer:
 
     async def infer(self, request: Request) -> Response:
         req, tensors = parse_v2(await self.bodies.read(request), request.headers.get(BINARY_HEADER))
+        check_outputs(req)  # before the engine runs for an answer nobody can have
         instances = v2_instances(self.name, self.kind, self.num_features, tensors)
         body, headers = v2_response(req, await self._predict(instances, "v2"))
         return Response(content=body, headers=headers)

@@ -25,8 +25,14 @@ MAX_DIMS = 8  # our models take [N], [N, 1], [N, F] or [N, 8, 8]; numpy itself s
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 
 
+MAX_MESSAGE = 500  # characters of an error message: it may echo client input (names, shapes, paths)
+MAX_DIM = 1 << 31  # one dimension of a V2 shape at most; even an empty tensor's shape must be real
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "... (cut)"
         super().__init__(message)
         self.status, self.message = status, message
 
@@ -106,7 +112,7 @@ def parse_v2(body: bytes, header_length: str | None) -> tuple[V2Request, dict[st
         try:
             n = int(header_length)
         except ValueError:
-            raise ApiError(400, f"Inference-Header-Content-Length: not an integer: {header_length!r}") from None
+            raise ApiError(400, f"Inference-Header-Content-Length: not an integer: {header_length[:40]!r}") from None
         if not 0 < n <= len(body):
             raise ApiError(400, f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte body")
         body, binary = body[:n], body[n:]
@@ -120,10 +126,12 @@ def parse_v2(body: bytes, header_length: str | None) -> tuple[V2Request, dict[st
             raise ApiError(422, f"inputs.{t.name}.shape: {len(t.shape)} dimensions; at most {MAX_DIMS}")
         if any(d < 0 for d in t.shape):
             raise ApiError(422, f"inputs.{t.name}.shape: negative dimension in {t.shape[:MAX_DIMS]}")
+        if any(d > MAX_DIM for d in t.shape):  # [0, 2**70] holds no values, but numpy cannot shape it
+            raise ApiError(422, f"inputs.{t.name}.shape: a dimension above {MAX_DIM}")
         count = math.prod(t.shape)  # exact: a product past int64 is just a number the data cannot match
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if type(size) is not int or size < 0 or offset + size > len(binary):  # bool is an int subclass
                 raise ApiError(400, f"inputs.{t.name}: binary_data_size {size!r} does not fit the "
                                     f"{len(binary) - offset} binary bytes left")
             raw, offset = binary[offset: offset + size], offset + size
@@ -182,6 +190,16 @@ def _from_json(t: V2Tensor, count: int) -> np.ndarray:
     if big is not None:
         raise ApiError(422, f"inputs.{t.name}.data[{big}]: beyond the range of {t.datatype} (|x| <= {limit:.4g})")
     return np.asarray(flat.astype(np.float64), dtype=dtype).reshape(t.shape)
+
+
+OUTPUTS = ("probabilities", "label")
+
+
+def check_outputs(req: V2Request) -> None:
+    """Refuse unknown requested outputs before the model runs."""
+    unknown = [o.name for o in req.outputs or [] if o.name not in OUTPUTS]
+    if unknown:
+        raise ApiError(422, f"outputs: unknown output {unknown[0]!r} (outputs: {', '.join(OUTPUTS)})")
 
 
 def v2_response(req: V2Request, answer: dict[str, Any]) -> tuple[bytes, dict[str, str]]:

@@ -178,7 +178,15 @@ BAD_REQUESTS = [
      422, "65 dimensions; at most 8"),
     ("V2 shape past int64", "POST", "/v2/models/digits/infer",
      b'{"inputs": [{"name": "features", "shape": [4611686018427387904, 4611686018427387904, 4], "datatype": "FP32", '
-     b'"data": [1]}]}', 422, "1 values for shape"),
+     b'"data": [1]}]}', 422, "a dimension above 2147483648"),
+    ("V2 empty tensor of a huge shape", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [0, 1180591620717411303424], "datatype": "FP32", "data": []}]}',
+     422, "a dimension above 2147483648"),
+    ("unpaired surrogate", "POST", "/v1/models/reviews:predict", b'{"instances": ["\\ud800 x"]}', 422,
+     "instances[0]: text holds an unpaired surrogate"),
+    ("V2 unknown output", "POST", "/v2/models/digits/infer",
+     b'{"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "data": [' + b",".join([b"0"] * 64)
+     + b']}], "outputs": [{"name": "logits"}]}', 422, "unknown output 'logits'"),
     ("V2 huge integer data", "POST", "/v2/models/digits/infer",
      b'{"inputs": [{"name": "features", "shape": [1, 64], "datatype": "FP32", "data": [' + b"9" * 400
      + b"," + b",".join([b"0"] * 63) + b"]}]}", 422, "data[0]: beyond the range of FP32"),
