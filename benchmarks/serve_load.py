@@ -171,14 +171,12 @@ print("RESULT " + json.dumps(serve_arm_inside({arm!r}, {pkg_ref!r}, {args.regist
 
 
 def serve_arm_inside(arm: str, pkg_ref: str, registry: str, seconds: float, texts_file: str, levels: list[int]) -> dict:
-    import importlib
-
     import ray
     import requests
     from ray import serve
 
     from rayfoundry.ray_env import quiet_env, quiet_process
-    from serve_deployments.app import applications, local_cpus_per_model
+    from serve_deployments.app import applications, local_cpus_per_model, run_applications
 
     quiet_process()
     _, _, kind, batching = SERVE_ARMS[arm]
@@ -187,12 +185,8 @@ def serve_arm_inside(arm: str, pkg_ref: str, registry: str, seconds: float, text
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     name = pkg_ref.split(":")[0]
-    apps = applications({"registry": registry, "models": [pkg_ref], "num_cpus": local_cpus_per_model(1),
-                         "batching": batching})
-    for app in apps:
-        module, builder = app["import_path"].split(":")
-        serve.run(getattr(importlib.import_module(module), builder)(app["args"]), name=app["name"],
-                  route_prefix=app["route_prefix"])
+    run_applications(applications({"registry": registry, "models": [pkg_ref], "num_cpus": local_cpus_per_model(1),
+                                   "batching": batching}))
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v1/models/{name}:predict" if kind == "v1" else f"{base}/v2/models/{name}/infer"
     stats_url = f"{base}/v2/models/{name}/stats"

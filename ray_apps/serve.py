@@ -59,7 +59,7 @@ def _show(method: str, url: str, body: dict | None) -> None:
 def run(args: argparse.Namespace) -> int:
     from model_registry.registry import Registry
     from rayfoundry.ray_env import connect_ray
-    from serve_deployments.app import applications, ingress_env, local_cpus_per_model
+    from serve_deployments.app import applications, ingress_env, local_cpus_per_model, run_applications
 
     registry = Registry(args.registry)
     packages = [registry.open(ref) for ref in args.models]  # fail here, before Ray, on a bad ref or file
@@ -68,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     apps = applications({"registry": args.registry, "models": args.models, "engine": args.engine, "num_cpus": num_cpus})
     if starts_ray:  # Serve reads its ingress settings when Ray starts
         os.environ.update(ingress_env(args.ingress))
-    import importlib
     import logging
 
     from ray import serve
@@ -77,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})  # the proxy's access log too
-    for app in apps:  # the model applications first: the server application forwards /v1 to them
-        module, builder = app["import_path"].split(":")
-        serve.run(getattr(importlib.import_module(module), builder)(app["args"]), name=app["name"],
-                  route_prefix=app["route_prefix"])
+    run_applications(apps)
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print(f"serving {', '.join(p.ref for p in packages)} at {base} ({num_cpus:g} CPUs per model replica)")
     for pkg in packages:

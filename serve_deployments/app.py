@@ -153,3 +153,14 @@ def applications(args: dict[str, Any] | ServeArgs) -> list[dict[str, Any]]:
     apps.append({"name": SERVER_APP, "route_prefix": "/", "import_path": "serve_deployments.app:build_app",
                  "args": {"models": names, "limits": cfg.limits.model_dump(exclude_defaults=True)}})
     return apps
+
+
+def run_applications(apps: list[dict[str, Any]]) -> None:
+    """Build and run `applications()` entries in this process, in order (the model applications
+    first: the server application forwards /v1 to them). `serve deploy` does the same from a config."""
+    import importlib
+
+    for app in apps:
+        module, builder = app["import_path"].split(":")
+        serve.run(getattr(importlib.import_module(module), builder)(app["args"]), name=app["name"],
+                  route_prefix=app["route_prefix"])

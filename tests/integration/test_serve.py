@@ -5,15 +5,15 @@ overload, and a batch-size change through user_config without a replica restart.
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 
+from benchmarks.serve_events import deploy
 from model_registry.export import ExportJob, export
+from tests.integration.serving import digits_v2, free_port, together
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
 
@@ -23,12 +23,6 @@ DIGIT_ROW = [0.0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2,
 
 
 SLOW_BODY_S = 2.0  # the service's body deadline, short so the slow-client test is quick
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy_config(registry, reviews_user_config: dict | None = None) -> None:
@@ -49,18 +43,8 @@ def deploy_config(registry, reviews_user_config: dict | None = None) -> None:
 
 def model_app(registry, name: str, prefix: str, **args) -> str:
     """One model application alone at `prefix` (its V2 routes under it); returns its infer path."""
-    from ray import serve
-
-    from serve_deployments.model import build_app
-
-    serve.run(build_app({"registry": str(registry), "model": "digits", "num_cpus": 0.25} | args), name=name,
-              route_prefix=prefix)
+    deploy(name, prefix, {"registry": str(registry), "model": "digits", "num_cpus": 0.25} | args)
     return f"{prefix}/infer"
-
-
-def digits_v2(rows: list) -> dict:
-    return {"inputs": [{"name": "features", "shape": [len(rows), 64], "datatype": "FP32",
-                        "data": [x for r in rows for x in r]}]}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +59,7 @@ def service(ray_cluster, tmp_path_factory, checkpoints):
     for kind, name in (("cnn", "digits"), ("text", "reviews")):
         export(ExportJob(checkpoint=str(checkpoints[kind]), name=name, registry=str(registry)), log=lambda *_: None)
     Registry(str(registry)).promote("digits:1", "champion")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy_config(registry)
     yield f"http://127.0.0.1:{port}", registry
@@ -91,19 +75,6 @@ def replica_pids() -> dict[str, int]:
 
 def stats(url: str, model: str) -> dict:
     return requests.get(f"{url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
-
-
-def together(fn, items: list) -> list:
-    """fn over items from one thread each, released at the same moment, so the requests queue behind
-    each other in the replica (a batch forms from what is queued when the engine is free)."""
-    start = threading.Barrier(len(items))
-
-    def call(item):
-        start.wait()
-        return fn(item)
-
-    with ThreadPoolExecutor(len(items)) as pool:
-        return list(pool.map(call, items))
 
 
 def test_v1_v2_json_and_tritonclient_binary_give_the_same_answers(service):
@@ -235,8 +206,7 @@ def test_huge_and_non_finite_inputs_fail_only_their_own_request_without_rerunnin
     huge = {"instances": [[int("9" * 400)] + [0] * 63]}  # caught where it enters: never joins a batch
     blowup = {"instances": [[3e38] * 64]}  # finite float32, but the model's output is not
     bodies = [{"instances": [DIGIT_ROW]}] * 6 + [huge, blowup]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda b: requests.post(f"{url}/v1/models/digits:predict", json=b, timeout=30), bodies))
+    answers = together(lambda b: requests.post(f"{url}/v1/models/digits:predict", json=b, timeout=30), bodies)
     assert [a.status_code for a in answers] == [200] * 6 + [422, 422], [a.text[:200] for a in answers]
     assert "a number beyond float32" in answers[-2].json()["error"]
     assert "the model's output is not finite" in answers[-1].json()["error"]
@@ -301,16 +271,12 @@ def test_overload_is_refused_quickly_with_json_503_and_every_accepted_request_su
     url, registry = service
     path = model_app(registry, "tight", "/tight", batching={"max_batch_size": 1}, limits={"max_queued_instances": 300})
     try:
-        start = threading.Barrier(24)
-
         def call(_):
-            start.wait()
             began = time.perf_counter()
             r = requests.post(url + path, json=digits_v2([DIGIT_ROW] * 256), timeout=60)
             return r.status_code, time.perf_counter() - began, r
 
-        with ThreadPoolExecutor(24) as pool:
-            results = list(pool.map(call, range(24)))
+        results = together(call, list(range(24)))
         codes = [c for c, _, _ in results]
         assert set(codes) == {200, 503} and codes.count(200) >= 1, codes
         refused = [(t, r) for c, t, r in results if c == 503]

@@ -4,24 +4,17 @@ p99 SLO that sheds what cannot make it, and a timed-out request that never reach
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import requests
 
 from benchmarks.serve_events import cold_start, deploy, replica_loss, scale_up_and_down
 from model_registry.export import ExportJob, export
+from tests.integration.serving import digits_v2, free_port, together
 
 pytestmark = pytest.mark.slow
 
 FAST = {"upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 1, "target_ongoing_requests": 1}
 ROW = [0.0, 0, 5, 13, 9, 1, 0, 0] * 8
-
-
-def digits_v2(rows: list) -> dict:
-    return {"inputs": [{"name": "features", "shape": [len(rows), 64], "datatype": "FP32",
-                        "data": [x for r in rows for x in r]}]}
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +24,7 @@ def served(ray_cluster, tmp_path_factory, checkpoints):
 
     registry = tmp_path_factory.mktemp("events") / "registry"
     export(ExportJob(checkpoint=str(checkpoints["cnn"]), name="digits", registry=str(registry)), log=lambda *_: None)
-    from tests.integration.test_serve import _free_port
-
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}", {"registry": str(registry), "model": "digits", "num_cpus": 0.25}
     serve.shutdown()
@@ -78,14 +69,8 @@ def test_a_p99_slo_refuses_what_cannot_make_it_at_once_and_answers_the_rest(serv
     base, common = served
     deploy("slo", "/slo", common | {"batching": {"max_batch_size": 256, "slo_p99_ms": 100}})
     try:
-        start = threading.Barrier(48)
-
-        def call(_):
-            start.wait()
-            return requests.post(f"{base}/slo/infer", json=digits_v2([ROW] * 256), timeout=60)
-
-        with ThreadPoolExecutor(48) as pool:
-            answers = list(pool.map(call, range(48)))
+        answers = together(lambda _: requests.post(f"{base}/slo/infer", json=digits_v2([ROW] * 256), timeout=60),
+                           list(range(48)))
         codes = [a.status_code for a in answers]
         assert 200 in codes and 503 in codes, codes
         refused = [a.json()["error"] for a in answers if a.status_code == 503]
@@ -102,14 +87,8 @@ def test_a_request_that_times_out_in_the_queue_never_reaches_the_engine(served):
     base, common = served
     deploy("timeouts", "/timeouts", common | {"batching": {"max_batch_size": 1}, "limits": {"request_timeout_s": 0.05}})
     try:
-        start = threading.Barrier(48)
-
-        def call(_):
-            start.wait()
-            return requests.post(f"{base}/timeouts/infer", json=digits_v2([ROW] * 256), timeout=60)
-
-        with ThreadPoolExecutor(48) as pool:
-            answers = list(pool.map(call, range(48)))
+        answers = together(lambda _: requests.post(f"{base}/timeouts/infer", json=digits_v2([ROW] * 256), timeout=60),
+                           list(range(48)))
         codes = [a.status_code for a in answers]
         assert 408 in codes, codes
         assert all("did not answer within 0.05s" in a.json()["error"] for a in answers if a.status_code == 408)
