@@ -12,6 +12,7 @@ record of what it measured.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import threading
@@ -30,29 +31,36 @@ REPO = Path(__file__).resolve().parents[1]
 class Load:
     """Closed-loop HTTP load from `clients` threads until stopped; every answer recorded with its time."""
 
-    def __init__(self, url: str, body: dict, clients: int):
-        self.url, self.body, self.clients = url, body, clients
-        self.answers: list[tuple[float, float, int, Any]] = []  # (sent, latency s, status, parsed body or text)
+    def __init__(self, url: str, body: dict | list[dict], clients: int, keyed: bool = False):
+        """`body` one request body, or a list the clients send in turn; `keyed`: client i sends the header
+        x-user-id: user-i (the key a rollout assigns callers by)."""
+        self.url, self.clients, self.keyed = url, clients, keyed
+        self.bodies = itertools.cycle(body if isinstance(body, list) else [body])
+        # (sent, latency s, status, parsed body or text, client index)
+        self.answers: list[tuple[float, float, int, Any, int]] = []
         self.in_flight = 0
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
-    def _client(self) -> None:
+    def _client(self, i: int) -> None:
         session = requests.Session()
+        if self.keyed:
+            session.headers["x-user-id"] = f"user-{i}"
         while not self.stopped.is_set():
             sent = time.perf_counter()
             with self.lock:
                 self.in_flight += 1
+                body = next(self.bodies)
             try:
-                r = session.post(self.url, json=self.body, timeout=60)
+                r = session.post(self.url, json=body, timeout=60)
                 status = r.status_code
                 content = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
             except requests.RequestException as e:
                 status, content = 0, repr(e)
             with self.lock:
                 self.in_flight -= 1
-                self.answers.append((sent, time.perf_counter() - sent, status, content))
+                self.answers.append((sent, time.perf_counter() - sent, status, content, i))
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -64,12 +72,12 @@ class Load:
         for t in self.threads:
             t.join(90)
 
-    def between(self, start: float, end: float) -> list[tuple[float, float, int, Any]]:
+    def between(self, start: float, end: float) -> list[tuple[float, float, int, Any, int]]:
         with self.lock:
             return [a for a in self.answers if start <= a[0] < end]
 
 
-def p99_ms(answers: list[tuple[float, float, int, Any]]) -> float:
+def p99_ms(answers: list[tuple[float, float, int, Any, int]]) -> float:
     ok = [a[1] for a in answers if a[2] == 200]
     return 1e3 * float(np.percentile(ok, 99)) if ok else float("nan")
 

@@ -37,8 +37,8 @@ from model_registry.package import COMMIT_MARKER, METADATA, Metric, ModelPackage
 from rayfoundry import storage
 from rayfoundry.errors import GateRefused, PackageError, RegistryError, describe_validation_error
 
-__all__ = ["GATED_ALIAS", "NAME_PATTERN", "Event", "GatePolicy", "GateRefused", "GateResult", "Registry",
-           "RegistryError", "RegistryState", "parse_ref"]
+__all__ = ["GATED_ALIAS", "NAME_PATTERN", "Event", "GatePolicy", "GateRefused", "GateResult", "GuardResult", "Registry",
+           "RegistryError", "RegistryState", "RolloutRecord", "VersionTally", "parse_ref"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 GATED_ALIAS = "champion"
@@ -80,12 +80,52 @@ class GateResult(BaseModel):
     champion_corrupt: bool = False
 
 
+class GuardResult(BaseModel):
+    """One rollout guard's verdict: its value against its threshold, on how many samples."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    status: Literal["pending", "pass", "fail"]
+    value: float | None = None
+    threshold: float
+    samples: int = 0
+    min_samples: int = 0
+    p_value: float | None = None
+    detail: str = ""
+
+
+class VersionTally(BaseModel):
+    """What one served version did during a rollout (all replicas merged)."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests: int = 0
+    errors: int = 0
+    instances: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+
+class RolloutRecord(BaseModel):
+    """The evidence behind a rollout's decision, kept in the model's history."""
+
+    model_config = ConfigDict(extra="forbid")
+    outcome: Literal["promoted", "rolled_back", "aborted"]
+    champion: str
+    candidate: str
+    phase: str
+    weight: float
+    started: str
+    tallies: dict[str, VersionTally] = Field(default_factory=dict, description="By version.")
+    shadow: dict[str, int] = Field(default_factory=dict, description="compared, disagreed and dropped instances.")
+    guards: list[GuardResult] = Field(default_factory=list)
+
+
 class Event(BaseModel):
-    """One entry of a model's history: a promotion, a rollback or a policy change."""
+    """One entry of a model's history: a promotion, a rollback, a policy change or a rollout's decision."""
 
     model_config = ConfigDict(extra="ignore")
     at: str
-    action: Literal["promote", "rollback", "policy", "unchanged"]
+    action: Literal["promote", "rollback", "policy", "unchanged", "rollout"]
     user: str = ""
     host: str = ""
     alias: str | None = None
@@ -96,6 +136,7 @@ class Event(BaseModel):
     gate: GateResult | None = None
     policy: GatePolicy | None = None
     previous_policy: GatePolicy | None = None
+    rollout: RolloutRecord | None = None
 
 
 class RegistryState(BaseModel):
@@ -312,8 +353,28 @@ class Registry:
             return version
 
     def _save_state(self, name: str, state: RegistryState) -> None:
-        data = state.model_dump_json(indent=2, exclude_none=True).encode()
-        path = self._path(name, "registry.json")
+        self._write(name, "registry.json", state.model_dump_json(indent=2, exclude_none=True).encode())
+
+    def read_document(self, name: str, filename: str) -> bytes | None:
+        """A service document kept beside registry.json (e.g. a running service's rollout.json), or None."""
+        path = self._path(check_name(name, "model name"), check_name(filename, "file name"))
+        return self._read(path) if self._exists(path) else None
+
+    def write_document(self, name: str, filename: str, data: bytes) -> None:
+        self._write(check_name(name, "model name"), check_name(filename, "file name"), data)
+
+    def record(self, name: str, action: str, **fields: Any) -> Event:
+        """Append an event to a model's history (a rollout's decision and its evidence)."""
+        check_name(name, "model name")
+        with self._lock(name):
+            state = self.state(name)
+            event = self._event(action, **fields)
+            state.history.append(event)
+            self._save_state(name, state)
+            return event
+
+    def _write(self, name: str, filename: str, data: bytes) -> None:
+        path = self._path(name, filename)
         if self.local:
             tmp = f"{path}.tmp-{os.getpid()}"
             Path(tmp).write_bytes(data)

@@ -69,6 +69,15 @@ def _list(reg, only: str | None) -> None:
 
 
 def _describe_event(e) -> str:
+    if e.action == "rollout" and e.rollout is not None:
+        r = e.rollout
+        lines = [f"  {e.at} rollout of {r.candidate} against {r.champion}: {r.outcome} in {r.phase} at weight "
+                 f"{r.weight:.0%} ({e.reason})"]
+        lines += [f"    {g.name}: {g.status}" + (f" {g.value:.4g} (limit {g.threshold:g}, {g.samples} samples)"
+                                                  if g.value is not None else "") for g in r.guards]
+        lines += [f"    version {v}: {t.requests} requests, {t.errors} errors" +
+                  (f", p99 {t.p99_ms:.1f} ms" if t.p99_ms is not None else "") for v, t in sorted(r.tallies.items())]
+        return "\n".join(lines)
     if e.action == "policy":
         was = f" (was {e.previous_policy})" if e.previous_policy else ""
         return f"  {e.at} policy -> {e.policy}{was} by {e.user}" + (f" ({e.reason})" if e.reason else "")

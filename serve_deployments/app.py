@@ -89,9 +89,10 @@ class Server:
     async def predict(self, name: str, request: Request) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
-        info = await self._info(name)
+        await self._info(name)
         instances = v1_instances(parse_json(await self.bodies.read(request)))  # the model replica checks them
-        response = self.handles[name].predict.remote(instances)
+        # The caller's headers go along: the model's rollout assigns a caller to a version by one of them.
+        response = self.handles[name].predict.remote(instances, "v1", dict(request.headers))
         try:
             answer = await asyncio.wait_for(response, self.limits["request_timeout_s"] + 1)
         except TimeoutError:
@@ -101,10 +102,8 @@ class Server:
             raise ApiError(503, f"model {name} is at capacity (max_queued_requests reached); retry shortly") from None
         if "error" in answer:
             raise ApiError(answer["status"], answer["error"])
-        if answer["model_version"] != info["version"]:  # the model application was redeployed
-            info = await self._info(name, refresh=True)
         return {"model": answer["model"], "model_version": answer["model_version"],
-                "predictions": [{"label": label, "probabilities": dict(zip(info["labels"], probs))}
+                "predictions": [{"label": label, "probabilities": dict(zip(answer["classes"], probs))}
                                 for label, probs in zip(answer["labels"], answer["probabilities"])]}
 
     # --- /v2 server level ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayfoundry.errors import ConfigError, describe_validation_error
+from serve_deployments.rollout import RolloutPolicy
 
 
 class Section(BaseModel):
@@ -87,6 +88,8 @@ class ModelArgs(Section):
     batching: Batching = Batching()
     autoscaling: Autoscaling = Autoscaling()
     limits: Limits = Limits()
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy, description="How a new version reaches the "
+                                   "callers: shadow, canary steps and guards (`python -m ray_apps rollout`).")
 
 
 class ServerArgs(Section):

@@ -18,60 +18,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_deployments.batching import Batcher, Pending, Refused
+from serve_deployments.controller import RolloutController, read_service
 from serve_deployments.http import BodyReader, error_response, json_response, v2_instances
 from serve_deployments.instances import InstanceError, InstanceSpec
+from serve_deployments.lane import Lane
 from serve_deployments.protocol import BINARY_HEADER, ApiError, check_outputs, parse_v2, v2_response
+from serve_deployments.rollout import Plan, ReplicaReport, assign
 
 logger = logging.getLogger("ray.serve")
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-CALIBRATION_SIZES = (1, 4, 16)  # batch sizes timed at start-up, so the SLO fit has a line from the first request
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+REPORT_S = 1.0  # how often a replica reports its counts to the rollout controller and gets the plan
 
 
-@serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
-class ModelServer:
-    def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, limits: dict[str, Any]):
-        from model_registry.predictor import Predictor
-        from model_registry.registry import Registry
-        from rayfoundry.ray_env import quiet_process
+class Metrics:
+    """The replica's Prometheus series; each observation is tagged with the version that answered."""
 
-        quiet_process()  # this replica's own actor process: its entry point, nothing else shares it
-        self.package = Registry(registry).open(ref)  # verifies every file's sha256; never unpickles
-        # No spinning: a replica shares its node's cores with the ingress and other replicas.
-        self.predictor = Predictor(self.package, engine, device, intra_op_threads, spinning=False)
-        meta = self.package.metadata
-        self.name, self.version, self.engine = meta.name, meta.version, engine
-        self.kind, self.labels = self.package.inputs.kind, self.package.labels
-        self.num_features = self.package.inputs.num_features
-        self.limits, self.batching = limits, {}  # batching: set by reconfigure (user_config) before any request
-        self.spec = InstanceSpec(self.name, self.kind, self.num_features, limits["max_text_chars"])
-        self.bodies = BodyReader(limits["max_body_bytes"], limits["body_timeout_s"], limits["max_bodies_in_flight"])
-        self.stats = {"inference_count": 0, "execution_count": 0, "engine_calls": 0, "failed_count": 0,
-                      "encode_seconds": 0.0, "engine_seconds": 0.0}
-        self.fit_exported = 0.0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="engine")  # one call at a time; the loop stays free
-        self.batcher = Batcher(self._engine, max_batch_size=32, max_queued_instances=limits["max_queued_instances"])
-        self._metrics()
-        self._calibrate()
-
-    def _metrics(self) -> None:
+    def __init__(self, name: str):
         from ray.serve import metrics
 
-        tags = {"model": self.name, "version": self.version}
         self.requests = metrics.Counter("rayfoundry_requests_total", "Requests by model, version, status and protocol.",
                                         tag_keys=("model", "version", "status", "protocol"))
         self.latency = metrics.Histogram("rayfoundry_request_latency_seconds", "Time from the request's arrival in "
@@ -88,57 +61,164 @@ class ModelServer:
                                        tag_keys=("model", "version", "term"))
         self.slo_refused = metrics.Counter("rayfoundry_slo_refusals_total", "Requests answered 503 because they "
                                            "could not finish within batching.slo_p99_ms.", tag_keys=("model", "version"))
+        self.shadow = metrics.Counter("rayfoundry_shadow_requests_total", "Requests mirrored to a rollout's candidate, "
+                                      "by outcome: compared, disagreed (instances), dropped (busy).",
+                                      tag_keys=("model", "outcome"))
         for m in (self.requests, self.latency, self.batch_size, self.queue_wait, self.inference, self.fit_gauge,
-                  self.slo_refused):
-            m.set_default_tags(dict(tags))  # Serve adds its own tags to the dict it is given
+                  self.slo_refused, self.shadow):
+            m.set_default_tags({"model": name})  # Serve adds its own tags to the dict it is given
 
-    def _calibrate(self) -> None:
-        """Run the engine on tiny inputs (a broken package fails here, not on a user's request) and
-        seed the batch-time fit. The first call allocates ONNX Runtime's buffers, so it is not timed."""
-        for i, n in enumerate((1, *CALIBRATION_SIZES * 2)):
-            tiny = ["ok"] * n if self.kind == "text" else [[0.0] * self.num_features] * n
-            t0 = time.perf_counter()
-            out = self.predictor.logits(self.predictor.encode(tiny))
-            if i:
-                self.batcher.observe(n, time.perf_counter() - t0)
-            if out.shape != (n, len(self.labels)) or not np.isfinite(out).all():
-                raise RuntimeError(f"{self.name}:{self.version}: start-up check gave {out.shape} / non-finite logits")
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
+class ModelServer:
+    def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int,
+                 limits: dict[str, Any], controller: Any = None):
+        from model_registry.registry import Registry
+        from rayfoundry.ray_env import quiet_process
+
+        quiet_process()  # this replica's own actor process: its entry point, nothing else shares it
+        self.registry, self.engine, self.device, self.threads = registry, engine, device, intra_op_threads
+        self.limits, self.batching = limits, {}  # batching: set by reconfigure (user_config) before any request
+        name, built = ref.split(":")
+        self.name, self.controller = name, controller
+        self.metrics = Metrics(name)
+        # What the service serves now (a rollout or a promotion may have moved on from the deployed version).
+        service = read_service(Registry(registry), name, built) if controller is not None else None
+        champion = service.champion if service else built
+        self.lanes: dict[str, Lane] = {champion: self._load(champion)}
+        self.plan = Plan(champion=champion, generation=-1)  # -1: the controller's plan applies at the first report
+        first = self.lanes[champion]
+        self.kind, self.num_features = first.kind, first.num_features
+        self.spec = InstanceSpec(self.name, self.kind, self.num_features, limits["max_text_chars"])
+        self.bodies = BodyReader(limits["max_body_bytes"], limits["body_timeout_s"], limits["max_bodies_in_flight"])
+        self.shadow = {"compared": 0, "disagreed": 0, "dropped": 0}
+        self.shadow_tasks: set[asyncio.Task] = set()
+        self.load_error: str | None = None
+        self.reporter: asyncio.Task | None = None
+        self.replica = serve.get_replica_context().replica_tag if controller is not None else "local"
+
+    def _load(self, version: str) -> Lane:
+        return Lane(self.registry, f"{self.name}:{version}", self.engine, self.device, self.threads, self.limits,
+                    self.metrics, self.batching or None)
+
+    @property
+    def champion(self) -> Lane:
+        return self.lanes[self.plan.champion]
 
     # --- control -------------------------------------------------------------------------------
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config (serve_deployments.config.Batching): changes without a restart."""
         from serve_deployments.config import Batching
 
-        cfg = Batching.model_validate(config)
-        self.batching = cfg.model_dump()
-        self.batcher.configure(cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.slo_p99_ms)
+        self.batching = Batching.model_validate(config).model_dump()
+        for lane in self.lanes.values():
+            lane.configure(self.batching)
 
-    def check_health(self) -> None:
-        if self.batcher.task is not None and self.batcher.task.done() and not self.batcher.task.cancelled():
-            raise RuntimeError(f"the batching loop stopped: {self.batcher.task.exception()!r}")
+    async def check_health(self) -> None:
+        self._start_reporting()
+        for lane in self.lanes.values():
+            task = lane.batcher.task
+            if task is not None and task.done() and not task.cancelled():
+                raise RuntimeError(f"the batching loop of version {lane.version} stopped: {task.exception()!r}")
 
     def statistics(self) -> dict[str, Any]:
         """This replica's counters: execution_count < inference_count means requests were batched."""
-        fit = self.batcher.fit
-        return self.stats | self.batching | self.batcher.stats | {
-            "queued_instances": self.batcher.queued_instances, "fit_per_instance_ms": 1e3 * fit.a,
-            "fit_fixed_ms": 1e3 * fit.b, "fit_margin": fit.margin}
+        return self.champion.statistics() | self.batching | {"shadow": dict(self.shadow)}
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "engine": self.engine, "kind": self.kind,
-                "labels": self.labels, "num_features": self.num_features}
+        return self.champion.info()
+
+    # --- rollouts: report counts, follow the plan ------------------------------------------------
+    def _start_reporting(self) -> None:
+        if self.controller is not None and (self.reporter is None or self.reporter.done()):
+            self.reporter = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                report = ReplicaReport(replica=self.replica, generation=self.plan.generation,
+                                       versions={v: lane.tally.take() for v, lane in self.lanes.items()},
+                                       shadow_compared=self.shadow["compared"], shadow_disagreed=self.shadow["disagreed"],
+                                       shadow_dropped=self.shadow["dropped"], load_error=self.load_error)
+                self.shadow = {"compared": 0, "disagreed": 0, "dropped": 0}
+                self.load_error = None
+                plan = await asyncio.wait_for(self.controller.report.remote(report), 30)
+                await self._apply(plan)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the controller restarting: serve on, report again
+                logger.warning("%s: rollout report failed (%s); retrying", self.name, e)
+            await asyncio.sleep(REPORT_S)
+
+    async def _apply(self, plan: Plan) -> None:
+        """Load what the plan serves (on a thread: requests go on meanwhile), then switch in one step.
+        A version no longer served is dropped once its queue is empty."""
+        if plan.generation != self.plan.generation:
+            for version in (plan.champion, plan.candidate):
+                if version is not None and version not in self.lanes:
+                    try:
+                        self.lanes[version] = await asyncio.to_thread(self._load, version)
+                    except Exception as e:  # noqa: BLE001 - reported: the controller rolls the candidate back
+                        logger.exception("%s: version %s failed to load", self.name, version)
+                        self.load_error = f"{type(e).__name__}: {e}"[:500]
+                        if version == plan.champion:
+                            return  # keep serving what works; the error is reported
+                        plan = plan.model_copy(update={"candidate": None, "weight": 0.0, "shadow_fraction": 0.0})
+            self.plan = plan
+        for version in [v for v in self.lanes if v not in (self.plan.champion, self.plan.candidate)]:
+            if self.lanes[version].idle:
+                self.lanes.pop(version).close()
+
+    def _route_lane(self, headers: Any) -> tuple[Lane, Lane | None]:
+        """The lane that answers this caller, and the candidate's lane when the request is to be mirrored."""
+        plan = self.plan
+        candidate = self.lanes.get(plan.candidate) if plan.candidate else None
+        if candidate is None:
+            return self.champion, None
+        key = headers.get(plan.key_header) or headers.get("x-request-id") if headers else None
+        if assign(key, plan.weight):
+            return candidate, None
+        mirror = plan.shadow_fraction > 0 and random.random() < plan.shadow_fraction
+        return self.champion, candidate if mirror else None
+
+    def _mirror(self, candidate: Lane, rows: Any, answer: dict[str, Any]) -> None:
+        """Run the request on the candidate too, never returning its answer: bounded, dropped when busy."""
+        if candidate.version != self.plan.candidate:
+            return  # the rollout ended while the champion answered
+        if len(self.shadow_tasks) >= self.plan.shadow_max_in_flight:
+            self.shadow["dropped"] += 1
+            self.metrics.shadow.inc(tags={"outcome": "dropped"})
+            return
+
+        async def shadow() -> None:
+            try:
+                theirs = await candidate.answer(rows, self.limits["request_timeout_s"])
+            except ApiError:
+                return  # counted as the candidate's error by its lane
+            differ = sum(a != b for a, b in zip(answer["labels"], theirs["labels"]))
+            self.shadow["compared"] += len(rows)
+            self.shadow["disagreed"] += differ
+            self.metrics.shadow.inc(len(rows), tags={"outcome": "compared"})
+            if differ:
+                self.metrics.shadow.inc(differ, tags={"outcome": "disagreed"})
+
+        task = asyncio.get_running_loop().create_task(shadow())
+        self.shadow_tasks.add(task)
+        task.add_done_callback(self.shadow_tasks.discard)
 
     # --- requests ------------------------------------------------------------------------------
-    async def predict(self, instances: Any, protocol: str = "v1") -> dict[str, Any]:
+    async def predict(self, instances: Any, protocol: str = "v1", headers: dict[str, str] | None = None) -> dict[str, Any]:
         """Probabilities and labels for one request, or {"error", "status"}: the handle path (/v1 via the
         server application)."""
         try:
-            return await self._predict(instances, protocol)
+            return await self._predict(instances, protocol, headers)
         except ApiError as e:
             return {"error": e.message, "status": e.status}
 
-    async def _predict(self, instances: Any, protocol: str) -> dict[str, Any]:
+    async def _predict(self, instances: Any, protocol: str, headers: Any = None, version: str | None = None) -> dict[str, Any]:
+        self._start_reporting()
         started, status = time.perf_counter(), 500
+        lane, mirror = (self.lanes[version], None) if version is not None else self._route_lane(headers)
         try:
             if len(instances) > self.limits["max_instances"]:
                 raise ApiError(422, f"instances: {len(instances)} instances; the limit is "
@@ -147,90 +227,18 @@ class ModelServer:
                 rows = self.spec.check(instances)
             except InstanceError as e:
                 raise ApiError(422, str(e)) from None
-            try:
-                answer = await asyncio.wait_for(self.batcher.enqueue(rows, len(rows)), self.limits["request_timeout_s"])
-            except TimeoutError:  # wait_for cancelled the future: the batcher drops it if its batch has not started
-                raise ApiError(408, f"model {self.name} did not answer within {self.limits['request_timeout_s']:g}s") from None
-            except Refused as e:
-                if e.slo:
-                    self.slo_refused.inc()
-                raise ApiError(503, f"model {self.name}: {e}; retry shortly") from None
-            except InstanceError as e:
-                raise ApiError(422, str(e)) from None
+            answer = await lane.answer(rows, self.limits["request_timeout_s"])
             status = 200
+            if mirror is not None:
+                self._mirror(mirror, rows, answer)
             return answer
         except ApiError as e:
             status = e.status
             raise
         finally:
-            self.requests.inc(tags={"status": str(status), "protocol": protocol})
-            self.latency.observe(time.perf_counter() - started, tags={"protocol": protocol})
-
-    async def _engine(self, batch: list[Pending]) -> None:
-        """One engine call for the batch; sets every request's future."""
-        started = time.perf_counter()
-        for p in batch:
-            self.queue_wait.observe(max(0.0, self.batcher.clock() - p.arrived))
-        loop = asyncio.get_running_loop()
-        try:
-            # Always on the engine thread, even for a lone request (running it on the event loop saves a
-            # hand-off but stops the loop reading the requests that would form the next batch).
-            outputs = await loop.run_in_executor(self.pool, self._run, [p.instances for p in batch])
-        except Exception:  # noqa: BLE001 - rare (inputs pass their checks first): find the request that breaks it
-            logger.exception("%s: an engine call for %d requests failed; running them one by one", self.name, len(batch))
-            outputs = []
-            for p in batch:
-                try:
-                    outputs.extend(await loop.run_in_executor(self.pool, self._run, [p.instances]))
-                except Exception as e:  # noqa: BLE001 - answered to that request only
-                    outputs.append(e)
-        for p, out in zip(batch, outputs):
-            if p.future.done():  # cancelled while the call ran
-                continue
-            if isinstance(out, InstanceError):
-                self.stats["failed_count"] += 1
-                p.future.set_exception(out)
-            elif isinstance(out, Exception):
-                self.stats["failed_count"] += 1
-                p.future.set_exception(ApiError(500, f"model {self.name} could not score this request "
-                                                     f"({type(out).__name__}); the replica's log has the details"))
-            else:
-                p.future.set_result(self._answer(out))
-        self.inference.observe(time.perf_counter() - started)
-        if self.batcher.planner.slo_s and started - self.fit_exported > 1.0:  # the fit, once a second at most
-            fit, self.fit_exported = self.batcher.fit, started
-            for term, value in (("per_instance", fit.a), ("fixed", fit.b), ("margin", fit.margin)):
-                self.fit_gauge.set(value, tags={"term": term})
-
-    def _run(self, parts: list[Any]) -> list[np.ndarray | InstanceError]:
-        """One vectorized encode + engine call for all requests' instances: probabilities per request,
-        or an InstanceError for a request any of whose rows gave a non-finite output (inputs far
-        outside what the model saw); the other requests keep their answers, nothing runs twice."""
-        flat = [x for p in parts for x in p] if self.kind == "text" else np.concatenate(parts)
-        t0 = time.perf_counter()
-        feeds = self.predictor.encode(flat)
-        t1 = time.perf_counter()
-        with np.errstate(all="ignore"):  # non-finite rows are reported per request below
-            probs = softmax(self.predictor.logits(feeds).astype(np.float64))
-        t2 = time.perf_counter()
-        self.batcher.observe(len(flat), t2 - t0)
-        self.stats["encode_seconds"] += t1 - t0  # where a replica's time goes (benchmarks/serve_load.py)
-        self.stats["engine_seconds"] += t2 - t1
-        self.stats["engine_calls"] += 1
-        self.stats["execution_count"] += 1
-        self.stats["inference_count"] += len(flat)
-        self.batch_size.observe(len(flat))
-        out: list[np.ndarray | InstanceError] = []
-        for part in np.split(probs, np.cumsum([len(p) for p in parts])[:-1]):
-            bad = np.flatnonzero(~np.isfinite(part).all(axis=1))
-            out.append(InstanceError(f"instances[{bad[0]}]: the model's output is not finite for this input "
-                                     "(values far outside the training data?)") if len(bad) else part)
-        return out
-
-    def _answer(self, probs: np.ndarray) -> dict[str, Any]:
-        top = probs.argmax(axis=1)
-        return {"model": self.name, "model_version": self.version, "labels": [self.labels[k] for k in top],
-                "probabilities": np.round(probs, 6).tolist()}  # finite: _run answers non-finite rows with errors
+            tags = {"version": lane.version, "protocol": protocol}
+            self.metrics.requests.inc(tags=tags | {"status": str(status)})
+            self.metrics.latency.observe(time.perf_counter() - started, tags=tags)
 
     # --- HTTP: KServe V2 under /v2/models/NAME -------------------------------------------------
     async def __call__(self, request: Request) -> Response:
@@ -248,6 +256,8 @@ class ModelServer:
     async def _route(self, request: Request) -> Response:
         path = request.scope["path"][len(request.scope.get("root_path", "")):].strip("/")
         parts = path.split("/") if path else []
+        if parts[:1] == ["rollout"] and len(parts) <= 2:
+            return await self._rollout(request, parts[1] if len(parts) == 2 else "")
         version = None
         if parts[:1] == ["versions"] and len(parts) >= 2:
             version, parts = parts[1], parts[2:]
@@ -255,47 +265,69 @@ class ModelServer:
         allowed = {"": "GET", "ready": "GET", "stats": "GET", "infer": "POST"}.get(leaf) if leaf is not None else None
         if allowed is None or (leaf == "stats" and version is not None):
             raise ApiError(404, f"no route {request.scope['path']!r} for model {self.name} (routes: infer, ready, "
-                                "stats, versions/VERSION[/infer|/ready])")
+                                "stats, rollout, rollout/report, versions/VERSION[/infer|/ready])")
         if request.method != allowed:
             raise ApiError(405, f"{request.method} {request.scope['path']}: use {allowed}")
         self._version(version)
         if leaf == "infer":
-            return await self.infer(request)
+            return await self.infer(request, version)
         doc = self.metadata() if leaf == "" else {"name": self.name, "ready": True} if leaf == "ready" else \
-            {"model_stats": [{"name": self.name, "version": self.version} | self.statistics()]}
+            {"model_stats": [{"name": self.name, "version": lane.version} | lane.statistics() | self.batching
+                             for lane in self.lanes.values()]}
         return json_response(doc)
 
+    async def _rollout(self, request: Request, leaf: str) -> Response:
+        """GET rollout: the phase, weight, guards and counts; GET rollout/report: the A/B comparison."""
+        if leaf not in ("", "report"):
+            raise ApiError(404, f"no route {request.scope['path']!r} for model {self.name} (rollout, rollout/report)")
+        if request.method != "GET":
+            raise ApiError(405, f"{request.method} {request.scope['path']}: use GET (start and abort a rollout with "
+                                "`python -m ray_apps rollout`)")
+        if self.controller is None:
+            raise ApiError(404, f"model {self.name} is served without a rollout controller")
+        call = self.controller.ab_report if leaf else self.controller.status
+        try:
+            return json_response(await asyncio.wait_for(call.remote(), 30))
+        except TimeoutError:
+            raise ApiError(503, f"model {self.name}: the rollout controller did not answer; retry shortly") from None
+
     def _version(self, version: str | None) -> None:
-        if version is not None and version != self.version:
-            raise ApiError(404, f"model {self.name} has no version {version!r} here (serving version {self.version})")
+        if version is not None and version not in self.lanes:
+            raise ApiError(404, f"model {self.name} has no version {version!r} here (serving version "
+                                f"{', '.join(sorted(self.lanes, key=int))})")
 
     def metadata(self) -> dict[str, Any]:
+        lane = self.champion
         if self.kind == "text":
             inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
         else:
             inputs = [{"name": "features", "datatype": "FP32", "shape": [-1, self.num_features]}]
-        return {"name": self.name, "versions": [self.version], "platform": f"rayfoundry_{self.engine}",
-                "inputs": inputs, "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.labels)]},
-                                              {"name": "label", "datatype": "BYTES", "shape": [-1]}],
-                "parameters": {"labels": self.labels}}
+        return {"name": self.name, "versions": [lane.version] + [v for v in self.lanes if v != lane.version],
+                "platform": f"rayfoundry_{lane.engine}", "inputs": inputs,
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(lane.labels)]},
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"labels": lane.labels}}
 
-    async def infer(self, request: Request) -> Response:
+    async def infer(self, request: Request, version: str | None = None) -> Response:
         req, tensors = parse_v2(await self.bodies.read(request), request.headers.get(BINARY_HEADER))
         check_outputs(req)  # before the engine runs for an answer nobody can have
         instances = v2_instances(self.name, self.kind, self.num_features, tensors)
-        body, headers = v2_response(req, await self._predict(instances, "v2"))
+        body, headers = v2_response(req, await self._predict(instances, "v2", request.headers, version))
         return Response(content=body, headers=headers)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application for one model (serve_deployments.config.ModelArgs). Resolves the ref to a
-    version, so every replica, including ones the autoscaler adds later, loads the same one."""
-    from model_registry.registry import Registry
+    """The application for one model (serve_deployments.config.ModelArgs): its replicas and its rollout
+    controller. Resolves the ref to a version; the controller then decides what the replicas serve
+    (that version, until a rollout or a move of the followed alias changes it)."""
+    from model_registry.registry import GATED_ALIAS, Registry, parse_ref
     from serve_deployments.config import ModelArgs, parse_args
 
     cfg = parse_args(ModelArgs, args, "model args")
     registry = Registry(cfg.registry)
     name, version = registry.resolve(cfg.model)
+    _, pinned, alias = parse_ref(cfg.model)
+    follow = None if pinned else (alias or GATED_ALIAS)  # NAME and NAME@ALIAS follow the alias; NAME:V is pinned
     meta = registry.metadata(name, version)  # the replicas verify every file when they load it
     engine = cfg.engine
     if engine == "auto":  # the export gate only ships int8 whose accuracy drop passed its bound
@@ -313,5 +345,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["num_replicas"] = scale.max_replicas
     else:
         options["autoscaling_config"] = scale.model_dump()
+    controller = RolloutController.bind(cfg.registry, name, version, follow, cfg.rollout.model_dump())
     return ModelServer.options(**options).bind(cfg.registry, f"{name}:{version}", engine, cfg.device, threads,
-                                               cfg.limits.model_dump())
+                                               cfg.limits.model_dump(), controller)

@@ -20,7 +20,8 @@ NO_RAY = ["trainers/models.py", "trainers/data.py", "trainers/sources.py", "trai
           "trainers/config.py", "rayfoundry/errors.py", "rayfoundry/storage.py", "model_registry/package.py"]
 LIBRARIES = ["rayfoundry", "model_registry", "trainers", "tuning", "serve_deployments"]
 # Entry points of processes rayfoundry owns may quiet them: the CLI, a Train worker, a Serve replica.
-MAY_QUIET = {"rayfoundry/ray_env.py", "trainers/worker.py", "serve_deployments/model.py"}
+MAY_QUIET = {"rayfoundry/ray_env.py", "trainers/worker.py", "serve_deployments/model.py",
+             "serve_deployments/controller.py"}
 
 
 def _imports(path: Path, top_level_only: bool = False) -> list[str]:

@@ -18,16 +18,23 @@ from starlette.requests import Request
 from serve_deployments.http import json_response
 from serve_deployments.model import ModelServer
 from serve_deployments.protocol import ApiError
+from serve_deployments.rollout import Plan
 
 PREFIX = "/v2/models/digits"
 
 
 class Stubbed(ModelServer.func_or_class):
-    """The replica class with `infer` and `statistics` that record instead of touching an engine."""
+    """The replica class with an `infer` that records instead of touching an engine."""
 
-    async def infer(self, request: Request):
+    async def infer(self, request: Request, version: str | None = None):
         self.inferred.append(request.scope["path"])
         return json_response({"stub": "infer"})
+
+
+class StubLane:
+    """A served version without an engine."""
+
+    version, engine, labels = "3", "onnx", ["0", "1"]
 
     def statistics(self) -> dict:
         return {"inference_count": 7}
@@ -35,8 +42,8 @@ class Stubbed(ModelServer.func_or_class):
 
 def _server() -> Stubbed:
     server = object.__new__(Stubbed)
-    server.name, server.version, server.engine = "digits", "3", "onnx"
-    server.kind, server.labels, server.num_features = "image", ["0", "1"], 64
+    server.name, server.kind, server.num_features = "digits", "image", 64
+    server.lanes, server.plan, server.batching, server.controller = {"3": StubLane()}, Plan(champion="3"), {}, None
     server.inferred = []
     return server
 

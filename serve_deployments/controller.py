@@ -1,0 +1,309 @@
+"""The rollout controller: one small deployment in each model's application.
+
+It decides what every replica of the model serves (`Plan`): the champion version, and during a
+rollout the candidate, its traffic weight and its shadow share. Replicas report their counts once a
+second and get the plan back; the controller merges the counts into the rollout's evidence, ticks
+the rollout (serve_deployments/rollout.py) and records each decision, with its evidence, in the
+model's registry history. It also follows the registry: when the champion alias moves, the service
+switches to the new version directly or rolls it out, as the policy says.
+
+Its state is kept beside the model's registry.json (`rollout.json`), written at every change, so a
+restarted controller resumes the rollout where it was (the evidence gathered so far restarts).
+
+    python -m ray_apps rollout start digits --candidate digits:3 [--policy policy.yaml]
+    python -m ray_apps rollout status digits
+    GET /v2/models/digits/rollout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+
+from serve_deployments.rollout import ACTIVE, Plan, ReplicaReport, Rollout, RolloutPolicy, RolloutState
+
+logger = logging.getLogger("ray.serve")
+STATE_FILE = "rollout.json"
+TICK_S = 1.0
+REGISTRY_POLL_S = 2.0
+PHASES = ("none", "shadow", "canary", "promoting", "promoted", "rolled_back", "aborted")
+
+
+class ServiceState(BaseModel):
+    """rollout.json: what the running service serves, and its rollout."""
+
+    model_config = ConfigDict(extra="forbid")
+    built: str  # the version the application was deployed with; a redeploy with another one starts afresh
+    champion: str
+    generation: int = 0
+    rollout: RolloutState | None = None
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_service(registry: Any, name: str, built: str) -> ServiceState:
+    """The recorded service state, or a fresh one when there is none or it was for another deployment."""
+    data = registry.read_document(name, STATE_FILE)
+    if data is not None:
+        try:
+            state = ServiceState.model_validate_json(data)
+            if state.built == built:
+                return state
+        except ValueError as e:
+            logger.warning("%s: ignoring unreadable %s (%s)", name, STATE_FILE, e)
+    return ServiceState(built=built, champion=built)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                  health_check_period_s=10, logging_config={"log_level": "WARNING"})
+class RolloutController:
+    def __init__(self, registry: str, name: str, built: str, follow: str | None, policy: dict[str, Any]):
+        from model_registry.registry import Registry
+        from rayfoundry.ray_env import quiet_process
+
+        quiet_process()
+        self.registry, self.name, self.follow = Registry(registry), name, follow
+        self.policy = RolloutPolicy.model_validate(policy)
+        self.service = read_service(self.registry, name, built)
+        self.rollout: Rollout | None = None
+        self.last: Rollout | None = None  # the latest finished rollout, for status and report
+        if self.service.rollout is not None:
+            state = self.service.rollout
+            state.step_base = 0  # the evidence restarts with this process
+            if state.phase in ACTIVE:
+                self.rollout = Rollout(state, time.time)
+            else:
+                self.last = Rollout(state, time.time)
+        self.followed = self._alias()  # the alias's version now; only a later move acts
+        self._metrics()
+        self.task: asyncio.Task | None = None
+
+    def _metrics(self) -> None:
+        from ray.serve import metrics
+
+        self.weight_gauge = metrics.Gauge("rayfoundry_rollout_weight", "Share of callers the candidate answers.",
+                                          tag_keys=("model",))
+        self.shadow_gauge = metrics.Gauge("rayfoundry_rollout_shadow_fraction", "Share of requests mirrored to the "
+                                          "candidate.", tag_keys=("model",))
+        self.phase_gauge = metrics.Gauge("rayfoundry_rollout_phase", "1 for the rollout's current phase.",
+                                         tag_keys=("model", "phase"))
+        self.guard_gauge = metrics.Gauge("rayfoundry_rollout_guard", "Each guard's current value (its threshold "
+                                         "is in the status).", tag_keys=("model", "guard"))
+        for m in (self.weight_gauge, self.shadow_gauge, self.phase_gauge, self.guard_gauge):
+            m.set_default_tags({"model": self.name})
+
+    def _ensure_loop(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def check_health(self) -> None:
+        self._ensure_loop()
+        if self.task.done() and not self.task.cancelled() and self.task.exception() is not None:
+            raise RuntimeError(f"the rollout loop stopped: {self.task.exception()!r}")
+
+    # --- what the replicas ask -------------------------------------------------------------------
+    def plan(self) -> Plan:
+        r, s = self.rollout, self.service
+        return Plan(generation=s.generation, champion=s.champion, candidate=r.state.candidate if r else None,
+                    weight=r.weight if r else 0.0, shadow_fraction=r.shadow_fraction if r else 0.0,
+                    shadow_max_in_flight=self.policy.shadow.max_in_flight if self.policy.shadow else 8,
+                    key_header=self.policy.key_header)
+
+    async def report(self, report: ReplicaReport) -> Plan:
+        self._ensure_loop()
+        r = self.rollout
+        if r is not None and report.generation == self.service.generation:
+            r.evidence.add(report)
+            if report.load_error:
+                await self._finish(r, "rolled_back", f"the candidate failed to load on replica {report.replica}: "
+                                                      f"{report.load_error}")
+        return self.plan()
+
+    # --- what users ask ----------------------------------------------------------------------------
+    async def start(self, candidate: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+        from rayfoundry.errors import ConfigError
+
+        self._ensure_loop()
+        name, version = await asyncio.to_thread(self.registry.resolve, candidate)
+        if name != self.name:
+            raise ConfigError(f"candidate {candidate}: this service serves {self.name}, not {name}")
+        if self.rollout is not None:
+            raise ConfigError(f"{self.name}: a rollout of {self.name}:{self.rollout.state.candidate} is in progress "
+                              f"({self.rollout.state.phase}); abort it first")
+        if version == self.service.champion:
+            raise ConfigError(f"candidate {candidate}: {self.name}:{version} is already the champion served")
+        chosen = RolloutPolicy.model_validate(policy) if policy is not None else self.policy
+        await self._begin(version, chosen, alias_moved=False)
+        return self.status()
+
+    async def abort(self, reason: str | None = None) -> dict[str, Any]:
+        from rayfoundry.errors import ConfigError
+
+        if self.rollout is None:
+            raise ConfigError(f"{self.name}: no rollout in progress")
+        await self._finish(self.rollout, "aborted", reason or "aborted by request")
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """Phase, weight, each guard against its threshold, and the counts (JSON-ready)."""
+        r = self.rollout or self.last
+        doc: dict[str, Any] = {"model": self.name, "champion": self.service.champion, "generation":
+                               self.service.generation, "following": self.follow, "phase": "none"}
+        if r is not None:
+            s = r.state
+            guards = r.guards() if r.active else s.guards
+            doc |= {"phase": s.phase, "candidate": s.candidate, "weight": r.weight,
+                    "shadow_fraction": r.shadow_fraction, "step": s.step + 1 if s.phase == "canary" else None,
+                    "steps": len(s.policy.canary), "started": s.started, "reason": s.reason,
+                    "held_s": round(time.time() - s.step_started_at, 1),
+                    "guards": [g.model_dump() for g in guards],
+                    "tallies": {v: x.tally().model_dump() for v, x in r.evidence.versions.items()},
+                    "shadow": dict(r.evidence.shadow)}
+        return doc
+
+    def ab_report(self) -> dict[str, Any]:
+        """The versions compared on the traffic each one served, with 95% intervals."""
+        from scipy import stats
+
+        r = self.rollout or self.last
+        if r is None:
+            return {"model": self.name, "versions": {}, "note": "no rollout has run since this service started"}
+        out: dict[str, Any] = {}
+        for version, x in r.evidence.versions.items():
+            row: dict[str, Any] = {"requests": x.requests, "errors": x.errors, "instances": x.instances}
+            if x.requests:
+                ci = stats.binomtest(x.errors, x.requests).proportion_ci(method="wilson")
+                row["error_rate"] = {"value": x.errors / x.requests, "low": ci.low, "high": ci.high}
+            lat = np.asarray(x.latencies, dtype=float)[-5000:]
+            for q in (50, 90, 99):
+                if len(lat) >= 20:
+                    boot = stats.bootstrap((lat,), lambda a, axis, q=q: np.percentile(a, q, axis=axis),
+                                           n_resamples=400, method="percentile", random_state=0)
+                    row[f"p{q}_ms"] = {"value": float(np.percentile(lat, q)), "low": float(boot.confidence_interval.low),
+                                       "high": float(boot.confidence_interval.high)}
+            if x.confidences:
+                row["mean_confidence"] = float(np.mean(x.confidences))
+            out[version] = row
+        shadow = dict(r.evidence.shadow)
+        if shadow["compared"]:
+            ci = stats.binomtest(shadow["disagreed"], shadow["compared"]).proportion_ci(method="wilson")
+            shadow["disagreement"] = {"value": shadow["disagreed"] / shadow["compared"], "low": ci.low, "high": ci.high}
+        return {"model": self.name, "champion": r.state.champion, "candidate": r.state.candidate,
+                "phase": r.state.phase, "versions": out, "shadow": shadow,
+                "accuracy": "needs feedback labels (not collected by this service)"}
+
+    # --- the loop ----------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        polled = 0.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                if time.monotonic() - polled >= REGISTRY_POLL_S:
+                    polled = time.monotonic()
+                    await self._follow()
+                r = self.rollout
+                if r is not None:
+                    before = (r.state.phase, r.state.step)
+                    phase = r.tick()
+                    if phase == "promoting":
+                        await self._promote(r)
+                    elif phase in ("rolled_back", "aborted"):
+                        await self._finish(r, phase, r.state.reason or "")
+                    elif (phase, r.state.step) != before:
+                        self._changed()
+                self._export()
+            except Exception:  # noqa: BLE001 - a registry hiccup must not stop the controller
+                logger.exception("%s: rollout controller tick failed", self.name)
+
+    def _alias(self) -> str | None:
+        if self.follow is None:
+            return None
+        return self.registry.state(self.name).aliases.get(self.follow)
+
+    async def _follow(self) -> None:
+        """Act on a move of the followed alias (a `registry promote` or `registry rollback`)."""
+        version = await asyncio.to_thread(self._alias)
+        if version is None or version == self.followed:
+            return
+        self.followed = version
+        r = self.rollout
+        if r is not None and version == r.state.candidate:
+            return  # this rollout's own promotion
+        if r is not None:
+            await self._finish(r, "aborted", f"the {self.follow} alias moved to {version} during the rollout")
+        if version == self.service.champion:
+            return
+        if self.policy.on_promote == "rollout":
+            await self._begin(version, self.policy, alias_moved=True)
+        else:
+            self.service.champion = version
+            self._changed()
+
+    async def _begin(self, candidate: str, policy: RolloutPolicy, alias_moved: bool) -> None:
+        self.rollout = Rollout.begin(self.service.champion, candidate, policy, time.time, now_iso(),
+                                     alias_moved=alias_moved)
+        self._changed()
+
+    async def _promote(self, r: Rollout) -> None:
+        from model_registry.registry import GATED_ALIAS, GateRefused, RegistryError
+
+        ref = f"{self.name}:{r.state.candidate}"
+        if self.follow and not r.state.alias_moved:
+            try:
+                await asyncio.to_thread(self.registry.promote, ref, self.follow, tolerance=r.state.policy.gate_tolerance,
+                                        reason="rollout: every phase passed its guards")
+                self.followed = r.state.candidate
+            except (GateRefused, RegistryError) as e:
+                await self._finish(r, "rolled_back", f"the registry gate refused {ref} for @{self.follow or GATED_ALIAS}: {e}")
+                return
+        await self._finish(r, "promoted", "every phase passed its guards")
+
+    async def _finish(self, r: Rollout, outcome: str, reason: str) -> None:
+        """Record the decision and its evidence; the service then serves the winner alone."""
+        if outcome == "promoted":
+            r.promoted(reason)
+            self.service.champion = r.state.candidate
+        elif r.active:
+            r.fail(reason, "aborted" if outcome == "aborted" else "rolled_back")
+        record = r.record()
+        self.rollout, self.last = None, r
+        self._changed()
+        try:
+            await asyncio.to_thread(self._record, r, record)
+        except Exception:  # noqa: BLE001 - the service has switched; the history write is retried by nobody
+            logger.exception("%s: could not record the rollout decision in the registry", self.name)
+
+    def _record(self, r: Rollout, record: Any) -> None:
+        self.registry.record(self.name, "rollout", version=r.state.candidate, previous=r.state.champion,
+                             reason=f"{record.outcome}: {r.state.reason}", rollout=record)
+        if record.outcome != "promoted" and r.state.alias_moved and self.follow:
+            if self.registry.state(self.name).aliases.get(self.follow) == r.state.candidate:
+                self.registry.rollback(self.name, self.follow, reason=f"rollout {record.outcome}: {r.state.reason}")
+                self.followed = self._alias()
+
+    def _changed(self) -> None:
+        """A new plan: the replicas pick it up with their next report; the state is written at once."""
+        self.service.generation += 1
+        self.service.rollout = (self.rollout or self.last).state if (self.rollout or self.last) else None
+        self.registry.write_document(self.name, STATE_FILE, self.service.model_dump_json(indent=2).encode())
+        self._export()
+
+    def _export(self) -> None:
+        r = self.rollout
+        self.weight_gauge.set(r.weight if r else 0.0)
+        self.shadow_gauge.set(r.shadow_fraction if r else 0.0)
+        current = r.state.phase if r else "none"
+        for phase in PHASES:
+            self.phase_gauge.set(1.0 if phase == current else 0.0, tags={"phase": phase})
+        if r is not None:
+            for g in r.state.guards:
+                if g.value is not None:
+                    self.guard_gauge.set(g.value, tags={"guard": g.name})
