@@ -63,9 +63,10 @@ bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one proc
 bench-inference: $(STAMP)  ## MiniLM inference: torch fp32/bf16 vs ONNX Runtime fp32/int8, latency and accuracy (~6 min)
 	$(PY) benchmarks/inference_engines.py
 
-bench-serve: $(STAMP)  ## HTTP load vs the offline ceiling and a hand-written server, levers, CPU; then scaling events (~14 min)
+bench-serve: $(STAMP)  ## HTTP load vs the offline ceiling and a hand-written server, levers, CPU; scaling events; rollouts (~19 min)
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/serve_events.py
+	$(PY) benchmarks/rollout_switch.py
 
 bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial overhead (~8 min)
 	$(PY) benchmarks/tune_efficiency.py

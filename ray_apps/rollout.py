@@ -104,7 +104,7 @@ def print_status(s: dict[str, Any]) -> None:
 
 def print_report(r: dict[str, Any]) -> None:
     if not r["versions"]:
-        print(f"{r['model']}: {r['note']}")
+        print(f"{r['model']}: {r.get('note', 'no answers recorded for this rollout yet')}")
         return
     print(f"{r['model']}: champion {r['champion']} against candidate {r['candidate']} ({r['phase']}); "
           "95% intervals in brackets")

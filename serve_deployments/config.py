@@ -88,8 +88,10 @@ class ModelArgs(Section):
     batching: Batching = Batching()
     autoscaling: Autoscaling = Autoscaling()
     limits: Limits = Limits()
-    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy, description="How a new version reaches the "
-                                   "callers: shadow, canary steps and guards (`python -m ray_apps rollout`).")
+    rollout: RolloutPolicy | None = Field(default_factory=RolloutPolicy, description="How a new version reaches "
+                                          "the callers: shadow, canary steps and guards (`python -m ray_apps "
+                                          "rollout`). null: no rollout controller; the deployed version is served "
+                                          "until the application is redeployed.")
 
 
 class ServerArgs(Section):

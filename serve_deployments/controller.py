@@ -112,10 +112,11 @@ class RolloutController:
     # --- what the replicas ask -------------------------------------------------------------------
     def plan(self) -> Plan:
         r, s = self.rollout, self.service
+        policy = r.state.policy if r else self.policy  # a rollout started with its own policy file uses it all
         return Plan(generation=s.generation, champion=s.champion, candidate=r.state.candidate if r else None,
                     weight=r.weight if r else 0.0, shadow_fraction=r.shadow_fraction if r else 0.0,
-                    shadow_max_in_flight=self.policy.shadow.max_in_flight if self.policy.shadow else 8,
-                    key_header=self.policy.key_header)
+                    shadow_max_in_flight=policy.shadow.max_in_flight if policy.shadow else 8,
+                    key_header=policy.key_header)
 
     async def report(self, report: ReplicaReport) -> Plan:
         self._ensure_loop()
@@ -224,24 +225,33 @@ class RolloutController:
                 logger.exception("%s: rollout controller tick failed", self.name)
 
     def _alias(self) -> str | None:
+        return self._alias_move()[0]
+
+    def _alias_move(self) -> tuple[str | None, bool]:
+        """The followed alias's version, and whether a `registry rollback` put it there last."""
         if self.follow is None:
-            return None
-        return self.registry.state(self.name).aliases.get(self.follow)
+            return None, False
+        state = self.registry.state(self.name)
+        last = next((e for e in reversed(state.history) if e.alias == self.follow), None)
+        return state.aliases.get(self.follow), last is not None and last.action == "rollback"
 
     async def _follow(self) -> None:
-        """Act on a move of the followed alias (a `registry promote` or `registry rollback`)."""
-        version = await asyncio.to_thread(self._alias)
+        """Act on a move of the followed alias: a `registry promote` switches or starts a rollout (the
+        policy's on_promote); a `registry rollback` is an emergency and switches at once."""
+        version, rolled_back = await asyncio.to_thread(self._alias_move)
         if version is None or version == self.followed:
             return
         self.followed = version
         r = self.rollout
         if r is not None and version == r.state.candidate:
-            return  # this rollout's own promotion
+            r.state.alias_moved = True  # promoted by hand during the rollout: a rollback moves the alias back
+            self._changed()
+            return
         if r is not None:
             await self._finish(r, "aborted", f"the {self.follow} alias moved to {version} during the rollout")
         if version == self.service.champion:
             return
-        if self.policy.on_promote == "rollout":
+        if self.policy.on_promote == "rollout" and not rolled_back:
             await self._begin(version, self.policy, alias_moved=True)
         else:
             self.service.champion = version
@@ -264,10 +274,14 @@ class RolloutController:
             except (GateRefused, RegistryError) as e:
                 await self._finish(r, "rolled_back", f"the registry gate refused {ref} for @{self.follow or GATED_ALIAS}: {e}")
                 return
-        await self._finish(r, "promoted", "every phase passed its guards")
+        if self.rollout is r:  # not aborted while the registry was written
+            await self._finish(r, "promoted", "every phase passed its guards")
 
     async def _finish(self, r: Rollout, outcome: str, reason: str) -> None:
-        """Record the decision and its evidence; the service then serves the winner alone."""
+        """Record the decision and its evidence; the service then serves the winner alone. A rollout is
+        decided once: a second decision (an abort racing the promotion) is ignored."""
+        if self.rollout is not r:
+            return
         if outcome == "promoted":
             r.promoted(reason)
             self.service.champion = r.state.candidate
@@ -297,10 +311,10 @@ class RolloutController:
         self._export()
 
     def _export(self) -> None:
-        r = self.rollout
+        r, shown = self.rollout, self.rollout or self.last
         self.weight_gauge.set(r.weight if r else 0.0)
         self.shadow_gauge.set(r.shadow_fraction if r else 0.0)
-        current = r.state.phase if r else "none"
+        current = shown.state.phase if shown else "none"  # a finished rollout shows its outcome until the next
         for phase in PHASES:
             self.phase_gauge.set(1.0 if phase == current else 0.0, tags={"phase": phase})
         if r is not None:

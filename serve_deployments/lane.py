@@ -125,23 +125,26 @@ class Lane:
                                                   "fit_margin": fit.margin}
 
     async def answer(self, rows: Any, timeout_s: float) -> dict[str, Any]:
-        """This version's answer for checked instances; ApiError otherwise. Tallied for rollouts."""
-        started, ok, confidences = time.perf_counter(), False, []
+        """This version's answer for checked instances; ApiError otherwise. For rollouts, a lane tallies
+        its answers and its own failures (an engine error, a non-finite output); a request the caller
+        gave up on, that timed out or that a full queue refused says nothing about the model."""
+        started = time.perf_counter()
         try:
-            try:
-                answer = await asyncio.wait_for(self.batcher.enqueue(rows, len(rows)), timeout_s)
-            except TimeoutError:  # wait_for cancelled the future: the batcher drops it if its batch has not started
-                raise ApiError(408, f"model {self.name} did not answer within {timeout_s:g}s") from None
-            except Refused as e:
-                if e.slo:
-                    self.metrics.slo_refused.inc(tags=self.tags)
-                raise ApiError(503, f"model {self.name}: {e}; retry shortly") from None
-            except InstanceError as e:
-                raise ApiError(422, str(e)) from None
-            ok, confidences = True, [max(p) for p in answer["probabilities"]]
-            return answer
-        finally:
-            self.tally.add(time.perf_counter() - started, ok, confidences)
+            answer = await asyncio.wait_for(self.batcher.enqueue(rows, len(rows)), timeout_s)
+        except TimeoutError:  # wait_for cancelled the future: the batcher drops it if its batch has not started
+            raise ApiError(408, f"model {self.name} did not answer within {timeout_s:g}s") from None
+        except Refused as e:
+            if e.slo:
+                self.metrics.slo_refused.inc(tags=self.tags)
+            raise ApiError(503, f"model {self.name}: {e}; retry shortly") from None
+        except InstanceError as e:  # the model's output was not finite for this input
+            self.tally.add(time.perf_counter() - started, False, [])
+            raise ApiError(422, str(e)) from None
+        except ApiError:  # the engine failed on this request
+            self.tally.add(time.perf_counter() - started, False, [])
+            raise
+        self.tally.add(time.perf_counter() - started, True, [max(p) for p in answer["probabilities"]])
+        return answer
 
     async def _engine(self, batch: list[Pending]) -> None:
         """One engine call for the batch; sets every request's future."""

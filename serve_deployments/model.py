@@ -218,6 +218,8 @@ class ModelServer:
     async def _predict(self, instances: Any, protocol: str, headers: Any = None, version: str | None = None) -> dict[str, Any]:
         self._start_reporting()
         started, status = time.perf_counter(), 500
+        if version is not None and version not in self.lanes:  # retired while the body was read
+            raise ApiError(404, f"model {self.name} no longer serves version {version!r}")
         lane, mirror = (self.lanes[version], None) if version is not None else self._route_lane(headers)
         try:
             if len(instances) > self.limits["max_instances"]:
@@ -345,6 +347,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["num_replicas"] = scale.max_replicas
     else:
         options["autoscaling_config"] = scale.model_dump()
-    controller = RolloutController.bind(cfg.registry, name, version, follow, cfg.rollout.model_dump())
+    controller = (RolloutController.bind(cfg.registry, name, version, follow, cfg.rollout.model_dump())
+                  if cfg.rollout is not None else None)
     return ModelServer.options(**options).bind(cfg.registry, f"{name}:{version}", engine, cfg.device, threads,
                                                cfg.limits.model_dump(), controller)

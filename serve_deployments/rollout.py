@@ -107,6 +107,11 @@ class RolloutPolicy(Section):
                                                      "or roll the new version out under this policy.")
     gate_tolerance: float = Field(0.005, ge=0, le=1, description="The registry gate's tolerance at promotion.")
 
+    @field_validator("key_header")
+    @classmethod
+    def _lower(cls, name: str) -> str:
+        return name.lower()  # HTTP header names are case-insensitive; both entry points see them lowercased
+
     @field_validator("canary")
     @classmethod
     def _rising(cls, steps: list[Step]) -> list[Step]:
