@@ -83,19 +83,26 @@ def p99_ms(answers: list[tuple[float, float, int, Any, int]]) -> float:
 
 
 def running_replicas(app: str) -> int:
+    """Running model replicas of a model application (its rollout controller is not one)."""
     from ray import serve
 
+    from serve_deployments.app import MODEL_DEPLOYMENT
+
     status = serve.status().applications.get(app)
-    if status is None:
+    if status is None or MODEL_DEPLOYMENT not in status.deployments:
         return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
+    return status.deployments[MODEL_DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
 def replica_names(app: str) -> list[str]:
+    """Actor names of a model application's model replicas."""
     import ray
 
+    from serve_deployments.app import MODEL_DEPLOYMENT
+
+    prefix = f"SERVE_REPLICA::{app}#{MODEL_DEPLOYMENT}#"
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+            if a["namespace"] == "serve" and a["name"].startswith(prefix)]
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.25) -> float | None:

@@ -42,6 +42,7 @@ class ServiceState(BaseModel):
     built: str  # the version the application was deployed with; a redeploy with another one starts afresh
     champion: str
     generation: int = 0
+    followed: str | None = None  # the followed alias's version the controller last acted on
     rollout: RolloutState | None = None
 
 
@@ -82,9 +83,15 @@ class RolloutController:
                 self.rollout = Rollout(state, time.time)
             else:
                 self.last = Rollout(state, time.time)
-        self.followed = self._alias()  # the alias's version now; only a later move acts
+        # A move of the alias while no controller ran is acted on at the first tick; a new service
+        # starts from the alias as it is.
+        self.followed = self.service.followed if self.service.followed is not None else self._alias()
+        self.warned: set[tuple[str, int]] = set()
         self._metrics()
         self.task: asyncio.Task | None = None
+        # A new generation at every start: replicas apply it, and no plan of an earlier life of this
+        # controller (published, perhaps never written) is taken for the current one.
+        self._changed()
 
     def _metrics(self) -> None:
         from ray.serve import metrics
@@ -126,6 +133,10 @@ class RolloutController:
             if report.load_error:
                 await self._finish(r, "rolled_back", f"the candidate failed to load on replica {report.replica}: "
                                                       f"{report.load_error}")
+        elif report.load_error and (report.replica, report.generation) not in self.warned:
+            self.warned.add((report.replica, report.generation))  # it keeps serving the version it has
+            logger.warning("%s: replica %s could not load version %s: %s", self.name, report.replica,
+                           self.service.champion, report.load_error)
         return self.plan()
 
     # --- what users ask ----------------------------------------------------------------------------
@@ -141,9 +152,12 @@ class RolloutController:
                               f"({self.rollout.state.phase}); abort it first")
         if version == self.service.champion:
             raise ConfigError(f"candidate {candidate}: {self.name}:{version} is already the champion served")
+        mismatch = await asyncio.to_thread(self._incompatible, version)
+        if mismatch:
+            raise ConfigError(f"candidate {candidate}: {mismatch}")
         chosen = RolloutPolicy.model_validate(policy) if policy is not None else self.policy
         await self._begin(version, chosen, alias_moved=False)
-        return self.status()
+        return await self.status()
 
     async def abort(self, reason: str | None = None) -> dict[str, Any]:
         from rayfoundry.errors import ConfigError
@@ -151,9 +165,9 @@ class RolloutController:
         if self.rollout is None:
             raise ConfigError(f"{self.name}: no rollout in progress")
         await self._finish(self.rollout, "aborted", reason or "aborted by request")
-        return self.status()
+        return await self.status()
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """Phase, weight, each guard against its threshold, and the counts (JSON-ready)."""
         r = self.rollout or self.last
         doc: dict[str, Any] = {"model": self.name, "champion": self.service.champion, "generation":
@@ -170,7 +184,7 @@ class RolloutController:
                     "shadow": dict(r.evidence.shadow)}
         return doc
 
-    def ab_report(self) -> dict[str, Any]:
+    async def ab_report(self) -> dict[str, Any]:
         """The versions compared on the traffic each one served, with 95% intervals."""
         from scipy import stats
 
@@ -253,14 +267,30 @@ class RolloutController:
             return
         if self.policy.on_promote == "rollout" and not rolled_back:
             await self._begin(version, self.policy, alias_moved=True)
+        elif await asyncio.to_thread(self._incompatible, version):
+            logger.error("%s: not switching to version %s: %s", self.name, version,
+                         await asyncio.to_thread(self._incompatible, version))
         else:
             self.service.champion = version
             self._changed()
+
+    def _incompatible(self, version: str) -> str | None:
+        """Why `version` cannot answer the champion's callers (other inputs or labels), or None."""
+        new, old = (self.registry.metadata(self.name, v) for v in (version, self.service.champion))
+        for what, a, b in (("inputs", new.inputs.kind, old.inputs.kind),
+                           ("features per instance", new.inputs.num_features, old.inputs.num_features),
+                           ("labels", new.task.labels, old.task.labels)):
+            if a != b:
+                return f"{self.name}:{version} takes other {what} than the champion {self.name}:{old.version} ({a} vs {b})"
+        return None
 
     async def _begin(self, candidate: str, policy: RolloutPolicy, alias_moved: bool) -> None:
         self.rollout = Rollout.begin(self.service.champion, candidate, policy, time.time, now_iso(),
                                      alias_moved=alias_moved)
         self._changed()
+        mismatch = await asyncio.to_thread(self._incompatible, candidate)
+        if mismatch:  # a promote in the registry cannot be refused; its rollout fails at once
+            await self._finish(self.rollout, "rolled_back", mismatch)
 
     async def _promote(self, r: Rollout) -> None:
         from model_registry.registry import GATED_ALIAS, GateRefused, RegistryError
@@ -306,6 +336,7 @@ class RolloutController:
     def _changed(self) -> None:
         """A new plan: the replicas pick it up with their next report; the state is written at once."""
         self.service.generation += 1
+        self.service.followed = self.followed
         self.service.rollout = (self.rollout or self.last).state if (self.rollout or self.last) else None
         self.registry.write_document(self.name, STATE_FILE, self.service.model_dump_json(indent=2).encode())
         self._export()

@@ -38,13 +38,19 @@ class Tally:
         self.report = VersionReport()
         self.seen_latencies = self.seen_confidences = 0
 
-    def add(self, latency_s: float, ok: bool, confidences: list[float]) -> None:
+    def add(self, latency_s: float, ok: bool, confidences: list[float], sample: bool = True,
+            mirrored: bool = False) -> None:
+        """Count a request; `sample` also keeps its latency and confidences (the champion keeps them at
+        the candidate's rate, so both versions' samples cover the same stretch of time). A mirrored
+        request's latency is not kept: it ran after the champion's answer, beside live traffic."""
         r = self.report
         r.requests += 1
         r.errors += not ok
         r.instances += len(confidences)
-        self.seen_latencies = _reservoir(r.latencies_ms, [1e3 * latency_s], self.seen_latencies)
-        self.seen_confidences = _reservoir(r.confidences, confidences, self.seen_confidences)
+        if sample and not mirrored:
+            self.seen_latencies = _reservoir(r.latencies_ms, [1e3 * latency_s], self.seen_latencies)
+        if sample:
+            self.seen_confidences = _reservoir(r.confidences, confidences, self.seen_confidences)
 
     def take(self) -> VersionReport:
         out, self.report = self.report, VersionReport()
@@ -124,10 +130,12 @@ class Lane:
                                                   "fit_per_instance_ms": 1e3 * fit.a, "fit_fixed_ms": 1e3 * fit.b,
                                                   "fit_margin": fit.margin}
 
-    async def answer(self, rows: Any, timeout_s: float) -> dict[str, Any]:
+    async def answer(self, rows: Any, timeout_s: float, tally: bool = True, sample: bool = True,
+                     mirrored: bool = False) -> dict[str, Any]:
         """This version's answer for checked instances; ApiError otherwise. For rollouts, a lane tallies
         its answers and its own failures (an engine error, a non-finite output); a request the caller
-        gave up on, that timed out or that a full queue refused says nothing about the model."""
+        gave up on, that timed out or that a full queue refused says nothing about the model. `tally`
+        False: not counted at all (a request that named its version)."""
         started = time.perf_counter()
         try:
             answer = await asyncio.wait_for(self.batcher.enqueue(rows, len(rows)), timeout_s)
@@ -138,12 +146,16 @@ class Lane:
                 self.metrics.slo_refused.inc(tags=self.tags)
             raise ApiError(503, f"model {self.name}: {e}; retry shortly") from None
         except InstanceError as e:  # the model's output was not finite for this input
-            self.tally.add(time.perf_counter() - started, False, [])
+            if tally:
+                self.tally.add(time.perf_counter() - started, False, [], sample=False)
             raise ApiError(422, str(e)) from None
         except ApiError:  # the engine failed on this request
-            self.tally.add(time.perf_counter() - started, False, [])
+            if tally:
+                self.tally.add(time.perf_counter() - started, False, [], sample=False)
             raise
-        self.tally.add(time.perf_counter() - started, True, [max(p) for p in answer["probabilities"]])
+        if tally:
+            self.tally.add(time.perf_counter() - started, True, [max(p) for p in answer["probabilities"]], sample,
+                           mirrored)
         return answer
 
     async def _engine(self, batch: list[Pending]) -> None:

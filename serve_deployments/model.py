@@ -94,6 +94,7 @@ class ModelServer:
         self.shadow = {"compared": 0, "disagreed": 0, "dropped": 0}
         self.shadow_tasks: set[asyncio.Task] = set()
         self.load_error: str | None = None
+        self.failed_generation: int | None = None  # a plan whose champion failed to load here
         self.reporter: asyncio.Task | None = None
         self.replica = serve.get_replica_context().replica_tag if controller is not None else "local"
 
@@ -141,7 +142,6 @@ class ModelServer:
                                        shadow_compared=self.shadow["compared"], shadow_disagreed=self.shadow["disagreed"],
                                        shadow_dropped=self.shadow["dropped"], load_error=self.load_error)
                 self.shadow = {"compared": 0, "disagreed": 0, "dropped": 0}
-                self.load_error = None
                 plan = await asyncio.wait_for(self.controller.report.remote(report), 30)
                 await self._apply(plan)
             except asyncio.CancelledError:
@@ -153,7 +153,8 @@ class ModelServer:
     async def _apply(self, plan: Plan) -> None:
         """Load what the plan serves (on a thread: requests go on meanwhile), then switch in one step.
         A version no longer served is dropped once its queue is empty."""
-        if plan.generation != self.plan.generation:
+        if plan.generation != self.plan.generation and plan.generation != self.failed_generation:
+            self.load_error = None  # reported until the controller answers with a new plan
             for version in (plan.champion, plan.candidate):
                 if version is not None and version not in self.lanes:
                     try:
@@ -162,6 +163,7 @@ class ModelServer:
                         logger.exception("%s: version %s failed to load", self.name, version)
                         self.load_error = f"{type(e).__name__}: {e}"[:500]
                         if version == plan.champion:
+                            self.failed_generation = plan.generation  # not retried until the plan changes
                             return  # keep serving what works; the error is reported
                         plan = plan.model_copy(update={"candidate": None, "weight": 0.0, "shadow_fraction": 0.0})
             self.plan = plan
@@ -181,6 +183,16 @@ class ModelServer:
         mirror = plan.shadow_fraction > 0 and random.random() < plan.shadow_fraction
         return self.champion, candidate if mirror else None
 
+    def _champion_sampling(self) -> float:
+        """The share of the champion's answers whose latency and confidences are reported: about as many
+        per second as the candidate gets, so the guards compare the two over the same time."""
+        plan = self.plan
+        if plan.candidate is None:
+            return 0.0  # no rollout: the counts alone are reported
+        if plan.weight > 0:
+            return min(1.0, plan.weight / (1 - plan.weight))
+        return plan.shadow_fraction
+
     def _mirror(self, candidate: Lane, rows: Any, answer: dict[str, Any]) -> None:
         """Run the request on the candidate too, never returning its answer: bounded, dropped when busy."""
         if candidate.version != self.plan.candidate:
@@ -192,7 +204,7 @@ class ModelServer:
 
         async def shadow() -> None:
             try:
-                theirs = await candidate.answer(rows, self.limits["request_timeout_s"])
+                theirs = await candidate.answer(rows, self.limits["request_timeout_s"], mirrored=True)
             except ApiError:
                 return  # counted as the candidate's error by its lane
             differ = sum(a != b for a, b in zip(answer["labels"], theirs["labels"]))
@@ -229,7 +241,8 @@ class ModelServer:
                 rows = self.spec.check(instances)
             except InstanceError as e:
                 raise ApiError(422, str(e)) from None
-            answer = await lane.answer(rows, self.limits["request_timeout_s"])
+            answer = await lane.answer(rows, self.limits["request_timeout_s"], tally=version is None,
+                                       sample=lane is not self.champion or random.random() < self._champion_sampling())
             status = 200
             if mirror is not None:
                 self._mirror(mirror, rows, answer)

@@ -10,7 +10,8 @@ Guards are statistical, each with a threshold and a minimum sample count, and ju
 versions have that many samples:
 - errors: the candidate's error rate exceeds the champion's by more than `max_increase`, and a one-
   sided Fisher exact test says the excess is not chance (p < alpha);
-- latency: the candidate's p99 over the champion's p99, on the requests each one answered;
+- latency: the candidate's p99 over the champion's p99, on the requests each one answered for its
+  callers (canary; mirrored requests run beside live traffic, so their latency is not compared);
 - disagreement (shadow): the Wilson interval's lower bound of the share of mirrored instances whose
   label differs from the champion's answer;
 - confidence: the two-sample Kolmogorov-Smirnov statistic between the versions' top-class
@@ -106,6 +107,9 @@ class RolloutPolicy(Section):
                                                      "it follows (champion) moves in the registry: switch at once, "
                                                      "or roll the new version out under this policy.")
     gate_tolerance: float = Field(0.005, ge=0, le=1, description="The registry gate's tolerance at promotion.")
+    max_phase_s: float = Field(3600, gt=0, description="A phase that has not gathered its samples, or whose guards "
+                               "are still pending, this long after it began is rolled back (no evidence, no "
+                               "promotion).")
 
     @field_validator("key_header")
     @classmethod
@@ -330,8 +334,15 @@ class Rollout:
         held = self.clock() - s.step_started_at
         need_s, need_n = ((s.policy.shadow.hold_s, s.policy.shadow.min_samples) if s.phase == "shadow" else
                           (s.policy.canary[s.step].hold_s, s.policy.canary[s.step].min_samples))
-        if held >= need_s and self._progress() - s.step_base >= need_n:
+        got = self._progress() - s.step_base
+        # The last phase promotes only on judged guards (disagreement is measured in shadow only).
+        last = s.phase == "canary" and s.step + 1 == len(s.policy.canary) or s.phase == "shadow" and not s.policy.canary
+        pending = [g.name for g in s.guards if g.status == "pending" and (g.name != "disagreement" or s.phase == "shadow")]
+        if held >= need_s and got >= need_n and not (last and pending):
             self._next()
+        elif held >= s.policy.max_phase_s:
+            missing = f"{got}/{need_n} candidate requests" + (f", guards pending: {', '.join(pending)}" if pending else "")
+            self.fail(f"no decision within max_phase_s ({s.policy.max_phase_s:g}s) in {s.phase}: {missing}")
         return s.phase
 
     def _next(self) -> None:

@@ -11,6 +11,7 @@ defaults with short holds and small sample counts.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ BODIES = [digits_v2([ROW])] * 9 + [digits_v2([MARKED])]
 MIN = 60
 POLICY = {"shadow": {"fraction": 0.5, "hold_s": 1, "min_samples": MIN},
           "canary": [{"weight": 0.3, "hold_s": 1, "min_samples": MIN}, {"weight": 0.6, "hold_s": 1, "min_samples": MIN}],
-          "guards": {"errors": {"min_samples": MIN}, "latency": {"min_samples": MIN},
+          "guards": {"errors": {"min_samples": MIN}, "latency": {"min_samples": 300, "max_p99_ratio": 2.0},
                      "disagreement": {"min_samples": MIN}, "confidence": {"min_samples": MIN}}}
 DONE = ("promoted", "rolled_back", "aborted")
 
@@ -130,12 +131,13 @@ def roll_out(service, candidate: str, clients: int = 4, during=None, timeout_s: 
         handle.start.remote(candidate).result()
         if during is not None:
             during(handle)
-        wait_for(lambda: handle.status.remote().result()["phase"] in DONE, timeout_s, every_s=0.5)
+        wait_for(lambda: handle.status.remote().result()["phase"] in DONE, timeout_s, every_s=0.25)
+        decided = time.perf_counter()
         time.sleep(2)  # the replicas pick up the decision with their next report
         final = handle.status.remote().result()
         after = time.perf_counter()
         time.sleep(2)
-    return final, load.answers, after
+    return final, load.answers, after, decided
 
 
 def served_after(answers, after: float) -> set[str]:
@@ -143,7 +145,7 @@ def served_after(answers, after: float) -> set[str]:
 
 
 def test_a_good_candidate_is_promoted_with_no_failed_request_and_callers_stick_to_a_version(service):
-    final, answers, after = roll_out(service, "digits:2")
+    final, answers, after, decided = roll_out(service, "digits:2")
     assert final["phase"] == "promoted", final
     assert final["champion"] == "2" and all(g["status"] == "pass" for g in final["guards"]), final
     assert [a[:4] for a in answers if a[2] != 200] == []  # promote under load: nothing failed
@@ -152,16 +154,17 @@ def test_a_good_candidate_is_promoted_with_no_failed_request_and_callers_stick_t
 
     reg = Registry(str(service[1]))
     assert reg.state("digits").aliases["champion"] == "2"  # through the registry's gate
-    # A caller sees one version between plan changes: it can flip only around the changes that move it
-    # (its canary share, the promotion), while the 2 replicas pick the new plan up a second apart.
-    for client in range(4):
-        versions = [a[3]["model_version"] for a in answers if a[4] == client and a[2] == 200]
-        switches = sum(1 for x, y in zip(versions, versions[1:]) if x != y)
-        assert switches <= 5, (client, switches)
+    # Callers are assigned by a hash of x-user-id: user-0 and user-2 fall in the 30% and 60% canary
+    # shares, user-1 (0.604) and user-3 (0.885) in neither. Until the promotion (less the second the
+    # replicas take to pick it up, and the poll), the latter never saw the candidate and the former did.
+    before = decided - 1.5
+    seen = {c: {a[3]["model_version"] for a in answers if a[4] == c and a[2] == 200 and a[0] < before} for c in range(4)}
+    assert seen[1] == seen[3] == {"1"}, seen
+    assert "2" in seen[0] and "2" in seen[2], seen
 
 
 def test_a_candidate_that_errors_on_some_inputs_is_rolled_back_by_the_error_guard(service):
-    final, answers, after = roll_out(service, "digits:3")
+    final, answers, after, _ = roll_out(service, "digits:3")
     assert final["phase"] == "rolled_back", final
     errors = next(g for g in final["guards"] if g["name"] == "errors")
     assert errors["status"] == "fail" and errors["value"] > 0.01 and errors["p_value"] < 0.01, errors
@@ -172,10 +175,10 @@ def test_a_candidate_that_errors_on_some_inputs_is_rolled_back_by_the_error_guar
 
 
 def test_a_slower_candidate_is_rolled_back_by_the_latency_guard(service):
-    final, answers, after = roll_out(service, "digits:4")
+    final, answers, after, _ = roll_out(service, "digits:4")
     assert final["phase"] == "rolled_back", final
     latency = next(g for g in final["guards"] if g["name"] == "latency")
-    assert latency["status"] == "fail" and latency["value"] > 1.5, final["guards"]
+    assert latency["status"] == "fail" and latency["value"] > 2.0, final["guards"]
     assert [a[:4] for a in answers if a[2] != 200] == []  # slow, never wrong
     assert served_after(answers, after) == {"1"}
 
@@ -183,7 +186,7 @@ def test_a_slower_candidate_is_rolled_back_by_the_latency_guard(service):
 def test_a_candidate_that_cannot_load_is_rolled_back_with_the_reason(service):
     _, registry, _ = service
     (registry / "digits" / "2" / "model.onnx").write_bytes(b"not a model")  # its sha256 no longer matches
-    final, answers, _ = roll_out(service, "digits:2", timeout_s=30)
+    final, answers, _, _ = roll_out(service, "digits:2", timeout_s=30)
     assert final["phase"] == "rolled_back" and "failed to load" in final["reason"], final
     assert "sha256 mismatch" in final["reason"], final
     assert [a[:4] for a in answers if a[2] != 200] == []
@@ -194,13 +197,13 @@ def test_a_rollout_survives_the_loss_of_a_replica_and_of_its_controller_and_is_i
 
     def kill_mid_rollout(handle) -> None:
         wait_for(lambda: handle.status.remote().result()["phase"] == "canary", 60, every_s=0.25)
-        for name in [n for n in replica_names("model-digits") if "ModelServer" in n][:1] + [
+        for name in replica_names("model-digits")[:1] + [
                 a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if "model-digits" in a["name"] and "RolloutController" in a["name"]]:
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
 
-    final, answers, after = roll_out(service, "digits:2", during=kill_mid_rollout)
-    assert final["phase"] == "promoted", final
+    final, answers, after, _ = roll_out(service, "digits:2", during=kill_mid_rollout)
+    assert final["phase"] == "promoted", json.dumps(final, indent=1)
     assert served_after(answers, after) == {"2"}
     failed = [a for a in answers if a[2] != 200]
     assert len(failed) <= 4, failed  # at most what was in flight on the killed replica (4 clients)
@@ -217,7 +220,7 @@ def test_status_and_report_over_http_and_the_cli(service, capsys):
     base, _, handle = service
     status = requests.get(f"{base}/v2/models/digits/rollout", timeout=30).json()
     assert status["phase"] == "none" and status["champion"] == "1"
-    final, _, _ = roll_out(service, "digits:2")
+    final, _, _, _ = roll_out(service, "digits:2")
     report = requests.get(f"{base}/v2/models/digits/rollout/report", timeout=30).json()
     assert set(report["versions"]) == {"1", "2"}, report
     row = report["versions"]["2"]
@@ -243,7 +246,8 @@ def test_registry_promote_reaches_the_running_service_and_a_registry_rollback_sw
         time.sleep(1)
         assert main(["registry", "--registry", str(registry), "promote", "digits:2", "--to", "champion"]) == 0
         assert wait_for(lambda: handle.status.remote().result()["phase"] in DONE, 90, every_s=0.5) is not None
-        assert handle.status.remote().result()["phase"] == "promoted"
+        status = handle.status.remote().result()
+        assert status["phase"] == "promoted", json.dumps(status, indent=1)
         assert main(["registry", "--registry", str(registry), "rollback", "digits"]) == 0
         assert wait_for(lambda: handle.status.remote().result()["champion"] == "1", 20, every_s=0.25) is not None
         time.sleep(2.5)  # the replicas pick the plan up with their next report

@@ -65,7 +65,14 @@ def verdicts(guards: Guards, champion: Samples, candidate: Samples, shadow=NO_SH
 
 
 def feed(r: Rollout, champion: int = 0, candidate: int = 0, cand_errors: int = 0, **shadow: int) -> None:
-    versions = {CHAMPION: VersionReport(requests=champion), CANDIDATE: VersionReport(requests=candidate, errors=cand_errors)}
+    """Requests as replicas report them: each answered one with a 10 ms latency and 0.9 confidence;
+    the candidate's requests also count as compared in shadow unless `shadow` says otherwise."""
+    def answered(n: int, errors: int = 0) -> VersionReport:
+        ok = n - errors
+        return VersionReport(requests=n, errors=errors, latencies_ms=[10.0] * ok, confidences=[0.9] * ok)
+
+    shadow.setdefault("shadow_compared", candidate)
+    versions = {CHAMPION: answered(champion), CANDIDATE: answered(candidate, cand_errors)}
     r.evidence.add(ReplicaReport(replica="r0", generation=1, versions=versions, **shadow))
 
 
@@ -218,6 +225,7 @@ def test_samples_tally_gives_counts_p50_p99_and_keeps_only_the_newest_latencies(
 def policy(**kw) -> RolloutPolicy:
     kw.setdefault("shadow", Shadow(fraction=0.3, hold_s=60, min_samples=100))
     kw.setdefault("canary", [Step(weight=0.05, hold_s=30, min_samples=50), Step(weight=0.25, hold_s=30, min_samples=50)])
+    kw.setdefault("guards", Guards.model_validate({g: {"min_samples": 50} for g in Guards.model_fields}))
     return RolloutPolicy(**kw)
 
 
@@ -259,16 +267,16 @@ def test_rollout_advances_shadow_canary_steps_promoting_only_after_hold_and_samp
 def test_a_failing_guard_rolls_back_naming_the_guard_with_the_phase_weight_tallies_and_guards():
     clock = FakeClock()
     r = begin(policy(shadow=None, canary=[Step(weight=0.05, hold_s=0, min_samples=10), Step(weight=0.25)]), clock)
-    feed(r, champion=100, candidate=10)
+    feed(r, champion=100, candidate=10, shadow_compared=0)
     assert r.tick() == "canary" and r.state.step == 1
-    feed(r, champion=1900, candidate=1990, cand_errors=100)
+    feed(r, champion=1900, candidate=1990, cand_errors=100, shadow_compared=0)
     assert r.tick() == "rolled_back" and not r.active
     assert r.state.reason.startswith("guard errors failed (error rate 100/2000 against 0/2000")
     rec = r.record()
     assert (rec.outcome, rec.phase, rec.weight) == ("rolled_back", "canary", 0.25)
     assert {v: (t.requests, t.errors) for v, t in rec.tallies.items()} == {CHAMPION: (2000, 0), CANDIDATE: (2000, 100)}
     assert [(g.name, g.status) for g in rec.guards] == [
-        ("errors", "fail"), ("latency", "pending"), ("disagreement", "pending"), ("confidence", "pending")]
+        ("errors", "fail"), ("latency", "pass"), ("disagreement", "pending"), ("confidence", "pass")]
     assert rec.shadow == NO_SHADOW
 
 
@@ -303,7 +311,7 @@ def test_policy_without_shadow_starts_in_canary_and_without_canary_goes_from_sha
     r = begin(policy(shadow=None), clock)
     assert (r.state.phase, r.state.step, r.weight, r.shadow_fraction) == ("canary", 0, 0.05, 0.0)
     r = begin(policy(canary=[]), clock)
-    feed(r, candidate=100)
+    feed(r, champion=100, candidate=100)
     clock.advance(60)
     assert r.tick() == "promoting" and (r.weight, r.shadow_fraction) == (0.0, 0.0)
     assert begin(policy(shadow=None, canary=[]), clock).state.phase == "promoting"
@@ -391,3 +399,20 @@ def test_registry_record_refuses_a_bad_name_without_creating_anything_outside_th
     with pytest.raises(RegistryError):
         reg.record("../escaped", "rollout")
     assert not (tmp_path / "escaped").exists()
+
+
+def test_the_last_phase_promotes_only_on_judged_guards_and_a_phase_without_evidence_is_rolled_back():
+    clock = FakeClock()
+    r = begin(policy(shadow=None, canary=[Step(weight=0.5, hold_s=0, min_samples=10)]), clock)
+    feed(r, champion=0, candidate=60)  # enough candidate requests, but nothing to compare them with
+    assert r.tick() == "canary"
+    assert {g.name for g in r.state.guards if g.status == "pending"} >= {"errors", "latency"}
+    feed(r, champion=60)
+    assert r.tick() == "promoting"  # disagreement stays pending without a shadow phase: not required
+    r = begin(policy(), clock)
+    feed(r, champion=10, candidate=5)
+    clock.advance(3599)
+    assert r.tick() == "shadow"
+    clock.advance(1)
+    assert r.tick() == "rolled_back"
+    assert r.state.reason.startswith("no decision within max_phase_s (3600s) in shadow: 5/100 candidate requests")
