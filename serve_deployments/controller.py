@@ -338,7 +338,10 @@ class RolloutController:
         self.service.generation += 1
         self.service.followed = self.followed
         self.service.rollout = (self.rollout or self.last).state if (self.rollout or self.last) else None
-        self.registry.write_document(self.name, STATE_FILE, self.service.model_dump_json(indent=2).encode())
+        try:
+            self.registry.write_document(self.name, STATE_FILE, self.service.model_dump_json(indent=2).encode())
+        except Exception:  # noqa: BLE001 - the plan stands; a restart would resume from the last written state
+            logger.exception("%s: could not write %s", self.name, STATE_FILE)
         self._export()
 
     def _export(self) -> None:
