@@ -267,12 +267,13 @@ class RolloutController:
             return
         if self.policy.on_promote == "rollout" and not rolled_back:
             await self._begin(version, self.policy, alias_moved=True)
-        elif await asyncio.to_thread(self._incompatible, version):
-            logger.error("%s: not switching to version %s: %s", self.name, version,
-                         await asyncio.to_thread(self._incompatible, version))
-        else:
-            self.service.champion = version
-            self._changed()
+            return
+        mismatch = await asyncio.to_thread(self._incompatible, version)
+        if mismatch:  # the replicas could not answer the champion's callers with it
+            logger.error("%s: not switching to version %s: %s", self.name, version, mismatch)
+            return
+        self.service.champion = version
+        self._changed()
 
     def _incompatible(self, version: str) -> str | None:
         """Why `version` cannot answer the champion's callers (other inputs or labels), or None."""

@@ -9,9 +9,14 @@ The server application (`serve_deployments.app`) answers /v2, /v2/health/* and /
 ingress the request goes from HAProxy straight to this replica.
 
 Each request's instances are checked before they are queued (a bad one is that request's 422).
-`serve_deployments.batching.Batcher` forms batches; one engine call runs at a time on a thread of
-its own, with one vectorized encode for all requests; probabilities are split back per request
-and a request whose rows give non-finite outputs fails alone, with nothing re-run.
+Each served version is a lane (`serve_deployments.lane`): its own batcher and engine thread, one
+vectorized encode per batch, probabilities split back per request, and a request whose rows give
+non-finite outputs failing alone, with nothing re-run.
+
+The application also runs a `RolloutController` (serve_deployments/controller.py). Every replica
+reports its counts to it once a second and serves what its plan says: the champion, and during a
+rollout the candidate too, answering the callers whose key hashes into the canary weight, or a
+mirrored share of requests in shadow (docs/rollouts.md).
 """
 
 from __future__ import annotations
