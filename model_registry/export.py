@@ -46,6 +46,7 @@ from model_registry.predictor import PackageDraft, Predictor, resolve_device, sc
 from model_registry.registry import NAME_PATTERN, Registry
 from model_registry.validation import ValidationSet, load_validation, sample_instances
 from rayfoundry.errors import CheckpointError, ExportError
+from tracking.tracker import source_run
 from trainers.checkpoint import manifest_files, verify_checksums
 from trainers.config import Section, TrainJob, parse_job
 from trainers.summary import RESULT_FILE, RunSummary, parse_summary
@@ -256,7 +257,8 @@ def export(spec: ExportJob, log=print) -> PackageMetadata:
             training=Training(config=json.loads(job.model_dump_json()),
                               reported_metrics=state["history"][-1] if state.get("history") else {},
                               data=TrainingData(train_path=job.data.train_path,
-                                                train_rows=summary.train_rows if summary else None)),
+                                                train_rows=summary.train_rows if summary else None),
+                              lineage=state.get("lineage")),
             validation=Validation(source=validation.source, rows=len(validation), fingerprint=validation.fingerprint,
                                   metric=job.checkpoint.metric, mode=job.checkpoint.resolved_mode, metrics=metrics,
                                   int8_accuracy_drop=drop),
@@ -281,7 +283,30 @@ def export(spec: ExportJob, log=print) -> PackageMetadata:
 
         version = registry.publish(spec.name, staging, finalize)
     log(f"  published {spec.name}:{version} in {time.time() - started:.0f}s")
+    track_export(published[0], log)
     return published[0]
+
+
+def track_export(meta: PackageMetadata, log=print) -> None:
+    """Record the package against its source run: version, metrics per engine, parity and the int8 change
+    as metrics at step = version, the model card and metadata as artifacts under packages/NAME-VERSION/."""
+    lineage = meta.training.lineage
+    tracker = source_run(lineage.tracking if lineage else None, log)
+    if tracker.off:
+        return
+    metrics = {f"package_{engine.replace('-', '_')}_{k}": v
+               for engine, m in meta.validation.metrics.items() for k, v in m.items()}
+    metrics |= {"package_version": int(meta.version), "package_parity_max_abs_logit_diff": meta.parity.max_abs_logit_diff}
+    if meta.validation.int8_accuracy_drop is not None:
+        metrics["package_int8_accuracy_drop"] = meta.validation.int8_accuracy_drop
+    tracker.log_metrics(metrics, step=int(meta.version))
+    tracker.set_tags({f"rayfoundry.package.{meta.name}.{meta.version}": meta.created_at,
+                      "rayfoundry.latest_package": meta.ref})
+    folder = f"packages/{meta.name}-{meta.version}"
+    tracker.log_text(model_card(meta), f"{folder}/README.md")
+    tracker.log_text(meta.model_dump_json(indent=2), f"{folder}/metadata.json")
+    if not tracker.off:
+        log(f"  tracked against run {tracker.ref.run_id} ({tracker.ref.uri})")
 
 
 def model_card(meta: PackageMetadata) -> str:

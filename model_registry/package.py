@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rayfoundry import storage
 from rayfoundry.errors import PackageError, describe_validation_error
+from tracking.records import Lineage
 
 __all__ = ["ENGINE_FILES", "METADATA", "PACKAGE_FORMAT", "ModelPackage", "PackageError", "PackageMetadata",
            "file_digests", "verify_package", "write_metadata"]
@@ -83,6 +84,8 @@ class Training(Record):
     config: dict[str, Any] = Field(description="The resolved TrainJob, as JSON.")
     reported_metrics: dict[str, Any] = Field(default_factory=dict, description="The checkpoint epoch's report.")
     data: TrainingData
+    lineage: Lineage | None = Field(None, description="The source run's config hash, data fingerprint, code revision "
+                                    "and tracked run; absent for packages of checkpoints made before lineage existed.")
 
 
 class Validation(Record):

@@ -6,6 +6,7 @@
     python -m ray_apps registry list
     python -m ray_apps serve --model digits@champion
     python -m ray_apps rollout start digits --candidate digits:3
+    python -m ray_apps runs compare digits_cnn digits_cnn_lr3e-3
 
 Each job lives in its own module here; this file maps job names to them and turns every
 `RayfoundryError` (also one that Ray wrapped around a worker's) into one line and its exit code.
@@ -16,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_apps import cluster, export, registry, rollout, serve, train, tune
+from ray_apps import cluster, export, registry, rollout, runs, serve, train, tune
 from rayfoundry.errors import RayfoundryError
 from rayfoundry.ray_env import find_cause, quiet_process
 
 JOBS = {"train": train, "tune": tune, "export": export, "registry": registry, "serve": serve, "rollout": rollout,
-        "cluster": cluster}
+        "runs": runs, "cluster": cluster}
 
 
 def main(argv: list[str] | None = None) -> int:

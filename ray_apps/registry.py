@@ -87,6 +87,25 @@ def _describe_event(e) -> str:
     return f"  {e.at} {e.action} {e.alias} -> {e.version} (was {e.previous}) by {e.user}{extra}"
 
 
+def describe_lineage(meta) -> str:
+    """The chain from a package back to its data: package -> run -> tracked run -> config and data."""
+    src, lineage = meta.source, meta.training.lineage
+    lines = [f"lineage: {meta.ref} <- checkpoint {src.checkpoint} (epoch {src.epoch})",
+             f"  run: {src.run_dir or '-'} (driver run id {src.run_id or '-'})"]
+    if lineage is None:
+        return "\n".join(lines + ["  no lineage recorded: the checkpoint predates data fingerprints"])
+    t = lineage.tracking
+    if t is not None:
+        run = t.run_id or (f"trial {t.trial_id} of sweep run {t.parent_run_id}" if t.trial_id else "-")
+        lines.append(f"  tracked: {t.backend} run {run} at {t.uri}")
+    lines.append(f"  config hash: {lineage.config_hash}")
+    lines.append(f"  code: {lineage.code_revision or 'not a git checkout'} (rayfoundry {lineage.rayfoundry_version})")
+    lines.append(f"  data fingerprint: {lineage.data.digest}")
+    for field, fp in lineage.data.sources():
+        lines.append(f"    {field} {fp.path}: {fp.method} {fp.digest[:16]}, {fp.files} file(s), {fp.bytes} bytes")
+    return "\n".join(lines)
+
+
 def _show(reg, ref: str, as_json: bool) -> None:
     pkg = reg.open(ref)
     name, version = pkg.metadata.name, pkg.metadata.version
@@ -101,6 +120,7 @@ def _show(reg, ref: str, as_json: bool) -> None:
     aliases = [a for a, v in state.aliases.items() if v == version]
     print(f"path: {pkg.path}\naliases: {', '.join(aliases) or '-'}\nfiles verified: {len(pkg.metadata.files)}\n"
           f"gate policy: {reg.policy(name, state)}")
+    print(describe_lineage(pkg.metadata))
     for e in events:
         print(_describe_event(e))
 

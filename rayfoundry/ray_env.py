@@ -27,7 +27,7 @@ def quiet_env() -> dict[str, str]:
     return {"RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 def quiet_process() -> None:

@@ -210,6 +210,15 @@ class RunSection(Section):
     seed: int = Field(0, ge=0, description="Seeds every RNG and the train/validation split.")
 
 
+class TrackingSection(Section):
+    backend: Literal["none", "tensorboard", "mlflow"] = Field(
+        "mlflow", description="Where params, per-epoch metrics, tags and artifacts go; none turns tracking off.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:////abs/mlflow.db, databricks); unset: "
+        "a SQLite file mlflow.db in run.storage_path. Ignored by tensorboard (files go in the run directory).")
+    experiment: str | None = Field(None, description="MLflow experiment name; unset: rayfoundry.")
+
+
 class TrainJob(Section):
     """A complete training job: what to read, what to train, how, where and for how long."""
 
@@ -221,6 +230,7 @@ class TrainJob(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     failure: FailureSection = FailureSection()
     run: RunSection = RunSection()
+    tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
     def _check(self) -> TrainJob:

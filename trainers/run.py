@@ -10,6 +10,9 @@ import time
 from rayfoundry import storage
 from rayfoundry.errors import ConfigError
 from rayfoundry.ray_env import connect_ray
+from tracking.fingerprint import fingerprint_data
+from tracking.records import Lineage, TrackingRef
+from tracking.tracker import Tracker, code_revision, config_hash, flatten, lineage_tags, rayfoundry_version
 from trainers.config import TrainJob
 from trainers.summary import CONFIG_FILE, RESULT_FILE, RunSummary, parse_summary
 
@@ -21,17 +24,11 @@ def run_dir(job) -> str:
 
 def config_changes(stored: dict, new: dict) -> list[str]:
     """Fields whose values differ between two resolved TrainJobs (as JSON), as `field: old -> new`.
-    The run's place (run.name, run.storage_path) and run.epochs (extending a run) do not count."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
-        return out
-
-    old, now = flat(stored), flat(new)
+    The run's place (run.name, run.storage_path), run.epochs (extending a run) and tracking do not count."""
+    old, now = flatten(stored), flatten(new)
     ignored = {"run.name", "run.storage_path", "run.epochs"}
     return [f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(old.keys() | now.keys())
-            if k not in ignored and old.get(k) != now.get(k)]
+            if k not in ignored and not k.startswith("tracking.") and old.get(k) != now.get(k)]
 
 
 def check_same_config(job: TrainJob, out_dir: str, previous: RunSummary | None) -> None:
@@ -47,15 +44,29 @@ def check_same_config(job: TrainJob, out_dir: str, previous: RunSummary | None) 
                           f"--restart trains it again from scratch, or set run.name to start a new run beside it")
 
 
+def open_tracking(job: TrainJob, out_dir: str, tracked_by: TrackingRef | None, log) -> tuple[Tracker, Lineage]:
+    """Fingerprint the data, then open the run's tracker (or note the sweep's, for a trial) and build its
+    lineage: what every checkpoint and package of this run carries."""
+    job_json = json.loads(job.model_dump_json())
+    lineage = Lineage(config_hash=config_hash(job_json), code_revision=code_revision(), rayfoundry_version=rayfoundry_version(),
+                      data=fingerprint_data(job.data.train_path, job.data.validation_path))
+    tracker = Tracker.open(job.tracking, storage_path=job.run.storage_path, run_dir=out_dir, run_name=job.run.name,
+                           params=flatten(job_json), tags=lineage_tags(lineage, "train", out_dir), log=log)
+    lineage.tracking = tracker.ref if not tracker.off else tracked_by
+    return tracker, lineage
+
+
 def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=print, callbacks: list | None = None,
-          init_checkpoint: str | None = None, quiet: bool = False) -> RunSummary:
+          init_checkpoint: str | None = None, quiet: bool = False, tracked_by: TrackingRef | None = None) -> RunSummary:
     """Run (or resume) the job and return its summary (also written to result.json).
 
     For Tune trials: `callbacks` are extra Train callbacks (the trial's report relay), `init_checkpoint`
-    a checkpoint the run starts from when it has none of its own, `quiet` drops the per-epoch lines."""
+    a checkpoint the run starts from when it has none of its own, `quiet` drops the per-epoch lines,
+    `tracked_by` the sweep's tracking of this trial (the trial's job has tracking off)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from tracking.callbacks import TrainTracking
     from trainers.models import default_text_model_dir
     from trainers.ray_data import check_local_paths, prepare_data, quiet_ray_data
     from trainers.recovery import FailureLog, count_failures, fault_from_env, new_run_id
@@ -92,8 +103,10 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         f"{world} worker(s) x batch {job.micro_batch_size} x accum {job.optim.grad_accum_steps}, "
         f"{steps_per_epoch} steps/epoch")
 
+    tracker, lineage = Tracker(None), None
     if not dry_run:  # the data checked out: from here on the run directory belongs to this config
         storage.write_text(storage.join(out_dir, CONFIG_FILE), job.model_dump_json(indent=2))
+        tracker, lineage = open_tracking(job, out_dir, tracked_by, log)
     run_id = new_run_id()
     use_gpu = job.scaling.use_gpu
     if use_gpu == "auto":
@@ -107,6 +120,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
             "feature_moments": data.feature_moments, "total_steps": steps_per_epoch * job.run.epochs,
             "steps_per_epoch": steps_per_epoch, "run_dir": out_dir, "fault": fault_from_env(),
             "dry_run": dry_run, "init_checkpoint": init_checkpoint, "quiet": quiet,
+            "lineage": lineage.model_dump(mode="json") if lineage else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=0 if dry_run else world, use_gpu=bool(use_gpu), resources_per_worker=resources),
@@ -116,14 +130,19 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
                 num_to_keep=job.checkpoint.keep, checkpoint_score_attribute=job.checkpoint.metric,
                 checkpoint_score_order=job.checkpoint.resolved_mode),
             failure_config=ray.train.FailureConfig(max_failures=job.failure.max_failures),
-            callbacks=[FailureLog(out_dir, run_id), *(callbacks or [])],
+            callbacks=[FailureLog(out_dir, run_id), *([TrainTracking(tracker.ref)] if not tracker.off else []),
+                       *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         # Validation is small and every worker reads all of it each epoch: read and tokenize it once.
         datasets={"train": data.train, "val": data.val.materialize()},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     metrics = dict(result.metrics or {})
     if dry_run:
         log(f"dry run OK: 2 steps, train_loss {metrics.get('train_loss', float('nan')):.4f}; nothing written")
@@ -138,9 +157,14 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         use_gpu=bool(use_gpu), num_workers=world, init_checkpoint=init_checkpoint,
         labels=data.labels, train_rows=data.train_rows, val_rows=data.val_rows,
         skipped_rows=data.skipped_rows, wall_seconds=round(time.time() - started, 2),
-        samples_per_s=metrics.get("train_samples_per_s"), config=json.loads(job.model_dump_json()),
+        samples_per_s=metrics.get("train_samples_per_s"), config=json.loads(job.model_dump_json()), lineage=lineage,
     )
     storage.write_text(result_path, summary.model_dump_json(indent=2))
+    tracker.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")}
+                        | {"wall_seconds": summary.wall_seconds, "restarts": summary.restarts},
+                        step=summary.epochs_completed or 0)
+    tracker.log_text(summary.model_dump_json(indent=2), RESULT_FILE)
+    tracker.finish()
     return summary
 
 

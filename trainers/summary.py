@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tracking.records import Lineage
+
 RUN_SUMMARY_FORMAT = 1
 RESULT_FILE = "result.json"
 CONFIG_FILE = "job.json"  # the resolved TrainJob a run was started with, written before its first epoch
@@ -42,6 +44,7 @@ class RunSummary(BaseModel):
     wall_seconds: float | None = None
     samples_per_s: float | None = None
     config: dict[str, Any] | None = Field(None, description="The resolved TrainJob, as JSON.")
+    lineage: Lineage | None = Field(None, description="Config hash, data fingerprint, code revision, tracked run.")
 
     def best_value(self, metric: str) -> float:
         return self.best_metrics.get(metric, float("nan"))

@@ -159,7 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), rank=rank, engine=engine, own_config=own_config, tokenizer=tokenizer,
                             label_map=label_map,
-                            trainer_state={"epoch": epoch, "history": history, "world_size": world},
+                            trainer_state={"epoch": epoch, "history": history, "world_size": world,
+                                           "lineage": config.get("lineage")},
                             job_yaml=yaml.safe_dump(json.loads(job.model_dump_json()), sort_keys=False))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")

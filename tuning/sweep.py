@@ -16,6 +16,7 @@ is 2 trials at once (2 x 0.46 leaves 1.08 CPUs); on a 64-CPU cluster with 2 work
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,6 +30,10 @@ from ray.tune import Callback
 from rayfoundry import storage
 from rayfoundry.errors import SweepError
 from rayfoundry.ray_env import connect_ray
+from tracking.callbacks import SweepTracking
+from tracking.fingerprint import fingerprint_data
+from tracking.records import Lineage
+from tracking.tracker import DEFAULT_EXPERIMENT, Tracker, code_revision, config_hash, flatten, lineage_tags, rayfoundry_version
 from trainers.config import TrainJob
 from trainers.run import run_dir
 from tuning.config import ASHA, PBT, LoadedTune, TuneJob, job_for
@@ -106,14 +111,42 @@ def experiment_path(spec: TuneJob) -> str:
     return run_dir(spec)  # the same storage_path/name rule as a training run
 
 
-def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool):
+def trial_job_json(trial_base: dict[str, Any], source: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's resolved TrainJob as JSON (what its tracked run lists as parameters)."""
+    return json.loads(job_for(trial_base, config, source).model_dump_json())
+
+
+def open_sweep_tracking(loaded: LoadedTune, path: str, log) -> tuple[Tracker, list]:
+    """The sweep's own run (parameters: the sweep spec) and the Tune callback that nests one run per trial
+    under it. The trials' own training runs track nothing themselves."""
+    job = loaded.base_job
+    lineage = Lineage(config_hash=config_hash(json.loads(job.model_dump_json())), code_revision=code_revision(),
+                      rayfoundry_version=rayfoundry_version(),
+                      data=fingerprint_data(job.data.train_path, job.data.validation_path))
+    tags = lineage_tags(lineage, "sweep", path)
+    tracker = Tracker.open(job.tracking, storage_path=loaded.spec.run.storage_path, run_dir=path,
+                           run_name=loaded.spec.run.name, params=flatten(json.loads(loaded.fingerprint())), tags=tags,
+                           log=log)
+    if tracker.off or tracker.ref.backend != "mlflow":
+        return tracker, []  # TensorBoard: Tune writes each trial's event files into its trial directory
+    callback = SweepTracking(tracker.ref, experiment=job.tracking.experiment or DEFAULT_EXPERIMENT,
+                             tags={k: v for k, v in tags.items() if k != "rayfoundry.kind"},
+                             epochs=job.run.epochs, scheduler=loaded.spec.scheduler.type.upper(),
+                             trial_job=functools.partial(trial_job_json, loaded.trial_base, loaded.source))
+    return tracker, [callback]
+
+
+def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool, tracking: Tracker | None = None,
+                callbacks: list | None = None):
     from ray import tune
 
     from tuning.trial import run_trial
 
     spec = loaded.spec
+    tracked_by = tracking.ref if tracking is not None and not tracking.off and tracking.ref.backend == "mlflow" else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, trial_base=loaded.trial_base, source=loaded.source), {"cpu": DRIVER_CPU})
+        tune.with_parameters(run_trial, trial_base=loaded.trial_base, source=loaded.source, tracked_by=tracked_by),
+        {"cpu": DRIVER_CPU})
     path = experiment_path(spec)
     if restore:  # unfinished trials continue from their last checkpoint; errored ones are retried from theirs
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -133,7 +166,7 @@ def build_tuner(loaded: LoadedTune, at_once: int, *, restore: bool):
                                                     else spec.keep_checkpoints,
                                                     checkpoint_score_attribute=spec.metric,
                                                     checkpoint_score_order=spec.resolved_mode),
-            callbacks=[ProgressLines(spec.metric, loaded.base_job.run.epochs)]),
+            callbacks=[ProgressLines(spec.metric, loaded.base_job.run.epochs), *(callbacks or [])]),
     )
 
 
@@ -184,8 +217,13 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
         storage.write_text(f"{path}/{SPEC_FILE}", loaded.fingerprint())
         log(f"sweep {spec.run.name}: {spec.num_samples} trials, {spec.scheduler.type} + {spec.search.type} search "
             f"on {spec.metric} ({spec.resolved_mode}); {why}\n  storage: {path}")
+    tracker, callbacks = open_sweep_tracking(loaded, path, log)
     started = time.time()
-    results = build_tuner(loaded, at_once or 1, restore=resumed).fit()
+    try:
+        results = build_tuner(loaded, at_once or 1, restore=resumed, tracking=tracker, callbacks=callbacks).fit()
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     summary = summarize(loaded, results, path)
     summary |= {"resumed": resumed, "concurrency": why, "wall_seconds": round(time.time() - started, 1)}
     best = summary["best"]
@@ -193,6 +231,11 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
         best["yaml"] = f"{path}/best_train.yaml"
         storage.write_text(best["yaml"], best_train_yaml(loaded, best["config"], best["yaml"]))
     storage.write_text(f"{path}/leaderboard.json", json.dumps(summary, indent=2, default=str))
+    if best:
+        tracker.log_metrics({f"best_{spec.metric}": best["value"]}, step=0)
+        tracker.log_text(storage.read_text(best["yaml"]), "best_train.yaml")
+    tracker.log_text(json.dumps(summary, indent=2, default=str), "leaderboard.json")
+    tracker.finish()
     return summary
 
 

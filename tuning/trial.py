@@ -55,8 +55,10 @@ def _abort(controller, queue, runner: threading.Thread) -> None:
     runner.join(timeout=60)
 
 
-def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str) -> None:
-    """The Tune trainable: `config` maps dotted TrainJob fields to this trial's values."""
+def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str, tracked_by=None) -> None:
+    """The Tune trainable: `config` maps dotted TrainJob fields to this trial's values. `tracked_by` is the
+    sweep's tracked run: the trial's run is nested under it by the sweep's Tune callback, so the
+    training run inside the trial tracks nothing itself and only records where it is tracked."""
     import ray.tune
     from ray.util.queue import Empty, Queue
 
@@ -67,6 +69,10 @@ def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str
     job = job_for(trial_base, config, source)
     job.run.storage_path = ray.tune.get_context().get_trial_dir()
     job.run.name = f"train-{new_run_id()}"
+    job.tracking.backend = "none"
+    if tracked_by is not None:
+        tracked_by = tracked_by.model_copy(update={"parent_run_id": tracked_by.run_id, "run_id": None,
+                                                   "trial_id": ray.tune.get_context().get_trial_id()})
     start = ray.tune.get_checkpoint()
     init = None
     if start is not None:
@@ -78,7 +84,7 @@ def run_trial(config: dict[str, Any], *, trial_base: dict[str, Any], source: str
     def fit() -> None:
         try:
             outcome["summary"] = train(job, log=lambda *_: None, callbacks=[ReportRelay(queue)],
-                                       init_checkpoint=init, quiet=True)
+                                       init_checkpoint=init, quiet=True, tracked_by=tracked_by)
         except BaseException as e:  # re-raised in the trial thread, so Tune sees the trial fail
             outcome["error"] = e
 

@@ -1,0 +1,114 @@
+"""Where per-epoch metrics reach the tracker: a Ray Train callback for training runs and a Tune logger
+callback for sweeps. Both run in one place per run (the Train controller, the Tune driver), so ranks
+other than 0 never log and a worker-group restart does not start a second run.
+
+Why not `setup_mlflow` in the workers: it starts a new MLflow run each time the worker group starts,
+so a run that recovers from a worker failure would be split over several MLflow runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.train import UserCallback
+
+from tracking.records import TrackingRef
+from tracking.tracker import TRIAL_TAG, Tracker, find_trial_run, flatten
+
+END_TAG = "rayfoundry.end_reason"
+# Tune's bookkeeping in each result; the trial's own metrics and Tune's config/<field> are what is worth a chart.
+TUNE_NOISE = {"pid", "timestamp", "done", "should_checkpoint", "time_this_iter_s", "time_since_restore",
+              "iterations_since_restore", "training_iteration"}
+CLONES_TAG = "rayfoundry.pbt_clones"
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+class TrainTracking(UserCallback):
+    """On the Train controller: rank 0's report of each epoch, logged at step = epoch."""
+
+    def __init__(self, ref: TrackingRef):
+        self.ref = ref
+        self._tracker: Tracker | None = None
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if self._tracker is None:
+            self._tracker = Tracker(self.ref, log=say)
+        report = metrics[0]
+        self._tracker.log_metrics(report, step=int(report.get("epoch") or 0))
+
+
+class SweepTracking(MLflowLoggerCallback):
+    """Ray's MLflow logger for Tune, with one nested run per trial under the sweep's run. A trial keeps
+    its run through PBT exploits, retries and a resumed sweep. Parameters are the trial's whole TrainJob,
+    logged when the trial ends (PBT changes them while it runs; Tune's `config/<field>` metrics show
+    them over time). Each trial run ends with a tag saying why: finished, stopped early, or failed."""
+
+    def __init__(self, parent: TrackingRef, *, experiment: str, tags: dict[str, str], epochs: int, scheduler: str,
+                 trial_job):
+        super().__init__(tracking_uri=parent.uri, experiment_name=experiment, log_params_on_trial_end=True,
+                         tags=tags | {"mlflow.parentRunId": parent.run_id, "rayfoundry.kind": "trial"})
+        self.parent, self.epochs, self.scheduler, self.trial_job = parent, epochs, scheduler, trial_job
+        self.off = False
+
+    def _guard(self, what: str, fn) -> None:
+        if self.off:
+            return
+        try:
+            fn()
+        except Exception as e:  # a tracking failure never fails the sweep
+            self.off = True
+            say(f"tracking: mlflow at {self.parent.uri} failed to {what} ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]}); the sweep goes on without tracking")
+
+    def setup(self, *args, **kwargs):
+        self._guard("open the sweep's experiment", lambda: super(SweepTracking, self).setup(*args, **kwargs))
+
+    def _run_id(self, trial) -> str:
+        if trial not in self._trial_runs:
+            client = self.mlflow_util._get_client()
+            found = find_trial_run(client, self.mlflow_util.experiment_id, self.parent.run_id, trial.trial_id)
+            if found is None:
+                run = self.mlflow_util.start_run(run_name=str(trial), tags=self.tags | {
+                    "trial_name": str(trial), TRIAL_TAG: trial.trial_id})
+                found = run.info.run_id
+            self._trial_runs[trial] = found
+        return self._trial_runs[trial]
+
+    def log_trial_start(self, trial):
+        self._guard("start a trial's run", lambda: self._run_id(trial))
+
+    def log_trial_result(self, iteration: int, trial, result: dict):
+        def log() -> None:
+            run_id = self._run_id(trial)
+            step = int(result.get("epoch") or iteration)
+            metrics = {k: v for k, v in result.items() if k not in TUNE_NOISE}
+            self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=metrics, step=step)
+            donor = result.get("resumed_from")
+            if donor and trial.trial_id not in str(donor):  # started from another trial's checkpoint: a PBT exploit
+                client = self.mlflow_util._get_client()
+                before = client.get_run(run_id).data.tags.get(CLONES_TAG, "")
+                values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+                note = f"epoch {step}: continued from {donor} with {values}"
+                if str(donor) not in before:
+                    client.set_tag(run_id, CLONES_TAG, (before + "\n" if before else "") + note)
+        self._guard("log a trial's metrics", log)
+
+    def log_trial_end(self, trial, failed: bool = False):
+        def end() -> None:
+            run_id = self._run_id(trial)
+            ran = int((trial.last_result or {}).get("epoch") or 0)
+            if failed:
+                reason = f"failed at epoch {ran}" + (f" (traceback in {trial.error_file})" if trial.error_file else "")
+            elif ran < self.epochs:
+                reason = f"stopped early by {self.scheduler} after epoch {ran} of {self.epochs}"
+            else:
+                reason = f"finished {ran} epochs"
+            client = self.mlflow_util._get_client()
+            client.set_tag(run_id, END_TAG, reason)
+            Tracker(self.parent.model_copy(update={"run_id": run_id}), say).log_params(flatten(self.trial_job(trial.config)))
+            self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed else "FINISHED")
+        self._guard("end a trial's run", end)
