@@ -124,10 +124,19 @@ class Tracker:
         _probe(self.ref.uri)
         client = self.client()
         stored = _stored_ref(run_dir)
-        if stored and stored.backend == "mlflow" and stored.uri == self.ref.uri and stored.run_id \
-                and client.get_run(stored.run_id).info.lifecycle_stage == "active":
+        previous = client.get_run(stored.run_id) if stored and stored.backend == "mlflow" and stored.uri == self.ref.uri \
+            and stored.run_id else None
+        if previous is not None and previous.info.lifecycle_stage == "active":
+            # The same run continues (resumed, or extended with more epochs). MLflow keeps a parameter's
+            # first value: a changed one (run.epochs) is noted in a tag instead.
             self.ref = stored
             client.update_run(stored.run_id, status="RUNNING")
+            logged = previous.data.params
+            changed = [f"{k}: {logged[k]} -> {param_value(v)}" for k, v in params.items()
+                       if k in logged and logged[k] != param_value(v)]
+            params = {k: v for k, v in params.items() if k not in logged}
+            if changed:
+                tags = tags | {"rayfoundry.changed_params": "; ".join(changed)}
         else:
             name = section.experiment or DEFAULT_EXPERIMENT
             experiment = client.get_experiment_by_name(name)

@@ -4,6 +4,7 @@ overload, and a batch-size change through user_config without a replica restart.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -311,6 +312,38 @@ def test_request_bodies_in_flight_are_bounded_with_503(service):
         for sock in slow:
             sock.close()
         serve_delete("bounded")
+
+
+def test_a_served_answer_traces_back_to_its_run_config_and_data_fingerprint(service, digits_run, capsys):
+    """model_version in an answer -> the package's metadata -> its source run, tracked in MLflow -> the
+    config hash and the fingerprint of the data it read, which still matches the data."""
+    from mlflow import MlflowClient
+
+    from ray_apps.__main__ import main
+    from tracking.fingerprint import fingerprint_data
+    from tracking.tracker import config_hash
+
+    url, registry = service
+    _, summary, _ = digits_run
+    export(ExportJob(checkpoint=summary.run_dir, name="traced", registry=str(registry)), log=lambda *_: None)
+    path = model_app(registry, "traced", "/traced", model="traced")
+    try:
+        answer = requests.post(url + path, json=digits_v2([DIGIT_ROW]), timeout=30).json()
+    finally:
+        serve_delete("traced")
+    capsys.readouterr()
+    assert main(["registry", "--registry", str(registry), "show", f"{answer['model_name']}:{answer['model_version']}",
+                 "--json"]) == 0
+    lineage = json.loads(capsys.readouterr().out)["metadata"]["training"]["lineage"]
+    assert lineage["data"]["digest"] == fingerprint_data(summary.config["data"]["train_path"]).digest
+    assert lineage["config_hash"] == config_hash(summary.config)
+    run = MlflowClient(lineage["tracking"]["uri"]).get_run(lineage["tracking"]["run_id"])
+    assert run.info.run_name == summary.job and run.data.tags["rayfoundry.run_dir"] == summary.run_dir
+    assert run.data.tags["rayfoundry.data_fingerprint"] == lineage["data"]["digest"]
+    assert run.data.metrics["package_version"] == int(answer["model_version"])  # export recorded it on the run
+    assert main(["registry", "--registry", str(registry), "show", "traced:1"]) == 0
+    shown = capsys.readouterr().out
+    assert f"tracked: mlflow run {run.info.run_id}" in shown and f"data fingerprint: {lineage['data']['digest']}" in shown
 
 
 def serve_delete(name: str) -> None:

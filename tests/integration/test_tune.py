@@ -39,6 +39,17 @@ def _train_runs(trial_dir: Path) -> list[Path]:
     return sorted(trial_dir.glob("train-*"))
 
 
+def _tracked(storage: Path):
+    """(MLflow client, runs by rayfoundry.kind) of the default tracking store under `storage`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    runs: dict[str, list] = {"sweep": [], "trial": [], "train": []}
+    for run in client.search_runs([client.get_experiment_by_name("rayfoundry").experiment_id]):
+        runs[run.data.tags["rayfoundry.kind"]].append(run)
+    return client, runs
+
+
 def _cli(config: Path, *more: str) -> list[str]:
     return [sys.executable, "-m", "ray_apps", "tune", "--config", str(config), *more]
 
@@ -108,6 +119,26 @@ def test_asha_two_at_a_time_stops_a_hopeless_trial_resumes_after_a_kill_and_its_
     assert main(["train", "--config", best["yaml"], "--dry-run"]) == 0
     assert "dry run OK: 2 steps" in capsys.readouterr().out
 
+    # Tracked in MLflow (the default SQLite store beside the runs): one sweep run and one nested run per
+    # trial, the same runs across the driver's kill and the resumed sweep, each ended with its reason.
+    client, runs = _tracked(tmp_path)
+    (sweep,) = runs["sweep"]
+    trials = runs["trial"]
+    assert len(trials) == 4 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {sweep.info.run_id}
+    assert {r.data.tags["rayfoundry.trial_id"] for r in trials} == {r["trial"] for r in rows}
+    reasons = sorted(r.data.tags["rayfoundry.end_reason"] for r in trials)
+    assert "finished 2 epochs" in reasons and "stopped early by ASHA after epoch 1 of 2" in reasons, reasons
+    assert all(r.info.status == "FINISHED" and r.data.params["optim.lr"] in (str(GOOD_LR), str(BAD_LR))
+               and r.data.params["data.train_path"] == "sklearn:digits" for r in trials)
+    by_trial = {r.data.tags["rayfoundry.trial_id"]: r for r in trials}
+    winner = by_trial[best["trial"]]
+    assert [m.step for m in client.get_metric_history(winner.info.run_id, "val_accuracy")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(sweep.info.run_id)} == {"leaderboard.json", "best_train.yaml"}
+    assert sweep.data.metrics["best_val_accuracy"] == pytest.approx(best["value"])
+    # --register's export was recorded against the winning trial's run.
+    assert winner.data.metrics["package_version"] == 1
+    assert "packages/digits-1" in {a.path for a in client.list_artifacts(winner.info.run_id)}
+
 
 def test_pbt_continues_a_weak_trial_from_a_strong_trials_checkpoint(ray_cluster, tmp_path):
     from tuning.config import load_tune
@@ -128,6 +159,11 @@ def test_pbt_continues_a_weak_trial_from_a_strong_trials_checkpoint(ray_cluster,
     # a copy of our checkpoint directory (safetensors + checksums), not a pickle.
     assert cloned, summary["leaderboard"]
     assert all(r["status"] == "finished" and r["epochs"] == 3 for r in rows.values()), rows
+    # The clone is on record in the cloned trial's tracked run, which stays one run per trial.
+    _, runs = _tracked(tmp_path)
+    assert len(runs["trial"]) == 2
+    notes = {r.data.tags["rayfoundry.trial_id"]: r.data.tags.get("rayfoundry.pbt_clones", "") for r in runs["trial"]}
+    assert any("continued from" in notes[rows[name]["trial"]] for name, _ in cloned), notes
 
     # Re-running the same sweep name with another config is refused rather than mixing the two.
     with pytest.raises(SweepError, match="holds a sweep started from another config; re-run with --restart"):
