@@ -14,7 +14,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train import UserCallback
 
 from tracking.records import TrackingRef
-from tracking.tracker import TRIAL_TAG, Tracker, find_trial_run, flatten
+from tracking.tracker import TRIAL_TAG, Tracker, config_hash, find_trial_run, flatten
 
 END_TAG = "rayfoundry.end_reason"
 # Tune's bookkeeping in each result; the trial's own metrics and Tune's config/<field> are what is worth a chart.
@@ -107,8 +107,9 @@ class SweepTracking(MLflowLoggerCallback):
                 reason = f"stopped early by {self.scheduler} after epoch {ran} of {self.epochs}"
             else:
                 reason = f"finished {ran} epochs"
-            client = self.mlflow_util._get_client()
-            client.set_tag(run_id, END_TAG, reason)
-            Tracker(self.parent.model_copy(update={"run_id": run_id}), say).log_params(flatten(self.trial_job(trial.config)))
+            job = self.trial_job(trial.config)
+            tracker = Tracker(self.parent.model_copy(update={"run_id": run_id}), say)
+            tracker.set_tags({END_TAG: reason, "rayfoundry.config_hash": config_hash(job)})  # the trial's own recipe
+            tracker.log_params(flatten(job))
             self.mlflow_util.end_run(run_id=run_id, status="FAILED" if failed else "FINISHED")
         self._guard("end a trial's run", end)

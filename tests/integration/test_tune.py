@@ -137,7 +137,8 @@ def test_asha_two_at_a_time_stops_a_hopeless_trial_resumes_after_a_kill_and_its_
     assert sweep.data.metrics["best_val_accuracy"] == pytest.approx(best["value"])
     # --register's export was recorded against the winning trial's run.
     assert winner.data.metrics["package_version"] == 1
-    assert "packages/digits-1" in {a.path for a in client.list_artifacts(winner.info.run_id)}
+    assert winner.data.tags["rayfoundry.config_hash"] == meta.training.lineage.config_hash  # the trial's own recipe
+    assert "packages/digits-1" in {a.path for a in client.list_artifacts(winner.info.run_id, "packages")}
 
 
 def test_pbt_continues_a_weak_trial_from_a_strong_trials_checkpoint(ray_cluster, tmp_path):
