@@ -1,11 +1,11 @@
 """What does tracking cost a training run, and what does fingerprinting the data cost?
 
-    .venv/bin/python benchmarks/tracking_overhead.py            # ~5 minutes on 2 cores
+    .venv/bin/python benchmarks/tracking_overhead.py            # ~7 minutes on 2 cores
     .venv/bin/python benchmarks/tracking_overhead.py --repeats 3 --epochs 6
 
 Training: the shipped digits job (2 DDP workers) with tracking `none`, `mlflow` (the default: a SQLite
 store beside the runs, created by the first tracked run) and `tensorboard`, interleaved, each arm
-`--repeats` times in one Ray session. Per arm: the driver's wall time of `train()` (data fingerprint,
+`--repeats` times in one Ray session, in rotated order. Per arm: the driver's wall time of `train()` (data fingerprint,
 run start, fit, summary) and the training samples/s of the last epoch, as ratios to `none`.
 Fingerprints: the SST-2 and AG News train files hashed with an empty cache, then again with the cache
 filled (size and mtime unchanged). Prints Markdown tables and writes benchmarks/results/tracking_overhead.json.
@@ -60,7 +60,7 @@ def fingerprint_arm(path: Path, cache_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
     from rayfoundry.ray_env import connect_ray, quiet_process
@@ -71,7 +71,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for backend in ARMS:
+            for backend in ARMS[repeat % 3:] + ARMS[:repeat % 3]:  # rotated: no arm always runs first
                 runs.append(train_arm(Path(tmp), backend, repeat, args.epochs))
                 print(f"  {backend} #{repeat}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['samples_per_s']:.0f} samples/s", flush=True)
         prints = [fingerprint_arm(DATA / rel, Path(tmp) / "cache") for rel in ("sst2/train.tsv", "agnews/train.tsv")
