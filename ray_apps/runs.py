@@ -1,6 +1,6 @@
 """`python -m ray_apps runs`: list, show and compare tracked training runs and sweeps.
 
-    python -m ray_apps runs list [--storage runs]
+    python -m ray_apps runs [--storage runs] list
     python -m ray_apps runs show digits_cnn               # a run name, an MLflow run id or id prefix
     python -m ray_apps runs compare 3f2a9c1e 8be04d77 --json-out compare.json
 
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", help="MLflow experiment (default rayfoundry)")
     ops = p.add_subparsers(dest="op", required=True, metavar="OP")
     ls = ops.add_parser("list", help="newest runs first: kind, status, best metric, config and data fingerprints")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=_positive, default=50, help="at most this many runs (default 50)")
     add_json_out(ls, "the runs")
     show = ops.add_parser("show", help="one run's parameters, metrics, lineage tags and artifacts")
     show.add_argument("run", help="run name, MLflow run id or id prefix (>= 6 characters), or run directory")
@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmp = ops.add_parser("compare", help="the parameters that differ and every metric, side by side")
     cmp.add_argument("runs", nargs="+", metavar="RUN")
     add_json_out(cmp, "the comparison")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
 
 
 def _best(record) -> str:

@@ -64,7 +64,8 @@ def reproduce_job(registry: str, ref: str, overrides: list[str]):
         config["tracking"] = {"backend": "mlflow", "uri": lineage.tracking.uri}
     job = parse_job(apply_overrides(config, overrides), f"{meta.ref} metadata.json training.config")
     job.run.name = f"{job.run.name}_reproduce_{meta.name}_v{meta.version}"
-    changed = changed_sources(lineage.data, fingerprint_data(job.data.train_path, job.data.validation_path))
+    now = fingerprint_data(job.data.train_path, job.data.validation_path, cached=False)  # trust no cache here
+    changed = changed_sources(lineage.data, now)
     if changed:
         raise DataError(f"{meta.ref}: the data differs from what its source run read: {'; '.join(changed)}; "
                         f"refusing to reproduce")

@@ -17,6 +17,7 @@ from tracking.records import TrackingRef
 from tracking.tracker import TRIAL_TAG, Tracker, config_hash, find_trial_run, flatten
 
 END_TAG = "rayfoundry.end_reason"
+MAX_CLONE_NOTES = 10
 # Tune's bookkeeping in each result; the trial's own metrics and Tune's config/<field> are what is worth a chart.
 TUNE_NOISE = {"pid", "timestamp", "done", "should_checkpoint", "time_this_iter_s", "time_since_restore",
               "iterations_since_restore", "training_iteration"}
@@ -38,7 +39,8 @@ class TrainTracking(UserCallback):
         if self._tracker is None:
             self._tracker = Tracker(self.ref, log=say)
         report = metrics[0]
-        self._tracker.log_metrics(report, step=int(report.get("epoch") or 0))
+        epoch = report.get("epoch")
+        self._tracker.log_metrics(report, step=epoch if isinstance(epoch, int) else 0)
 
 
 class SweepTracking(MLflowLoggerCallback):
@@ -79,7 +81,28 @@ class SweepTracking(MLflowLoggerCallback):
         return self._trial_runs[trial]
 
     def log_trial_start(self, trial):
-        self._guard("start a trial's run", lambda: self._run_id(trial))
+        def start() -> None:
+            self._run_id(trial)
+            # After a PBT exploit the trial restarts from the donor's checkpoint (Tune's latest checkpoint of
+            # the trial is then the donor's): noted here, since a clone of a last epoch reports nothing more.
+            donor = getattr(getattr(trial, "checkpoint", None), "path", None)
+            if donor:
+                self._note_clone(trial, str(donor), int((trial.last_result or {}).get("epoch") or 0))
+        self._guard("start a trial's run", start)
+
+    def _note_clone(self, trial, donor: str, epoch: int) -> None:
+        """Record a continuation from another trial's checkpoint (a PBT exploit), once per donor checkpoint."""
+        if trial.trial_id in donor:  # its own checkpoint: a retry or a resumed sweep
+            return
+        run_id = self._run_id(trial)
+        client = self.mlflow_util._get_client()
+        before = client.get_run(run_id).data.tags.get(CLONES_TAG, "")
+        if donor in before:
+            return
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        note = f"after epoch {epoch}: continued from {donor} with {values}"
+        # the newest clones, within MLflow's tag size
+        client.set_tag(run_id, CLONES_TAG, "\n".join([*before.splitlines(), note][-MAX_CLONE_NOTES:]))
 
     def log_trial_result(self, iteration: int, trial, result: dict):
         def log() -> None:
@@ -87,14 +110,8 @@ class SweepTracking(MLflowLoggerCallback):
             step = int(result.get("epoch") or iteration)
             metrics = {k: v for k, v in result.items() if k not in TUNE_NOISE}
             self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=metrics, step=step)
-            donor = result.get("resumed_from")
-            if donor and trial.trial_id not in str(donor):  # started from another trial's checkpoint: a PBT exploit
-                client = self.mlflow_util._get_client()
-                before = client.get_run(run_id).data.tags.get(CLONES_TAG, "")
-                values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-                note = f"epoch {step}: continued from {donor} with {values}"
-                if str(donor) not in before:
-                    client.set_tag(run_id, CLONES_TAG, (before + "\n" if before else "") + note)
+            if result.get("resumed_from"):  # this Train run started from another trial's checkpoint
+                self._note_clone(trial, str(result["resumed_from"]), step - 1)
         self._guard("log a trial's metrics", log)
 
     def log_trial_end(self, trial, failed: bool = False):

@@ -14,11 +14,15 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from rayfoundry import storage
 from rayfoundry.errors import DataError
 from tracking.records import DataFingerprint, SourceFingerprint
+
+SETTLED_S = 2.0  # files modified more recently than this are not cached
+MAX_ENTRIES = 1000  # a source with more files is recorded as a whole (a mismatch names the source, not the file)
 
 
 def cache_path() -> Path:
@@ -27,10 +31,15 @@ def cache_path() -> Path:
 
 
 class HashCache:
-    """sha256 of local files by (real path, size, mtime_ns); a stale or unreadable cache is ignored."""
+    """sha256 of local files by (real path, size, mtime_ns); a stale or unreadable cache is ignored.
+    A file modified within the last few seconds is hashed but not cached: on filesystems with coarse
+    timestamps a second write in the same tick would keep its mtime."""
 
-    def __init__(self, path: Path):
-        self.path, self.changed = path, False
+    def __init__(self, path: Path | None):
+        self.path, self.seen = path, {}
+        self.entries: dict = {}
+        if path is None:  # no cache: hash every file (what `train --reproduce` does)
+            return
         try:
             self.entries = json.loads(path.read_text())
             if not isinstance(self.entries, dict):
@@ -45,19 +54,22 @@ class HashCache:
         digest = self.entries.get(key)
         if not isinstance(digest, str):
             digest = storage.sha256(Path(real))
-            self.entries = {k: v for k, v in self.entries.items() if not k.startswith(real + "|")} | {key: digest}
-            self.changed = True
+            if time.time() - st.st_mtime > SETTLED_S:
+                self.entries[key] = digest
+        self.seen[real] = key
         return st.st_size, digest
 
     def save(self) -> None:
-        """Write atomically; a cache that cannot be written only costs a re-read next time."""
-        if not self.changed:
+        """Keep one entry per file seen (its current size and mtime); write atomically. A cache that
+        cannot be written only costs a re-read next time."""
+        if self.path is None or not self.seen:
             return
+        keep = {k: v for k, v in self.entries.items() if k.rsplit("|", 2)[0] not in self.seen or k in self.seen.values()}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".fingerprints.")
             with os.fdopen(fd, "w") as f:
-                json.dump(self.entries, f)
+                json.dump(keep, f)
             os.replace(tmp, self.path)
         except OSError:
             pass
@@ -104,7 +116,10 @@ def fingerprint_source(path: str, cache: HashCache) -> SourceFingerprint:
     for fs, inner in files:
         name = inner[len(root) + 1:] if inner.startswith(root + "/") else os.path.basename(inner)
         if local:
-            size, tag = cache.sha256(inner)
+            try:
+                size, tag = cache.sha256(inner)
+            except OSError as e:
+                raise DataError(f"{path}: cannot read {inner} to fingerprint it ({e.strerror or e})") from None
             methods.add("sha256")
         else:
             info = fs.get_file_info(inner)
@@ -118,11 +133,13 @@ def fingerprint_source(path: str, cache: HashCache) -> SourceFingerprint:
         total += size
     digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
     method = "sha256" if local else ("size+mtime" if "size+mtime" in methods else "etag")
-    return SourceFingerprint(path=path, method=method, files=len(entries), bytes=total, digest=digest, entries=entries)
+    return SourceFingerprint(path=path, method=method, files=len(entries), bytes=total, digest=digest,
+                             entries=entries if len(entries) <= MAX_ENTRIES else {})
 
 
-def fingerprint_data(train_path: str, validation_path: str | None = None) -> DataFingerprint:
-    cache = HashCache(cache_path())
+def fingerprint_data(train_path: str, validation_path: str | None = None, *, cached: bool = True) -> DataFingerprint:
+    """Fingerprint a run's sources; `cached=False` hashes every file again, trusting no cache."""
+    cache = HashCache(cache_path() if cached else None)
     try:
         train = fingerprint_source(train_path, cache)
         validation = fingerprint_source(validation_path, cache) if validation_path else None
@@ -142,7 +159,7 @@ def changed_sources(recorded: DataFingerprint, now: DataFingerprint) -> list[str
         names = sorted(old.entries.keys() | new.entries.keys())
         diffs = [f"{n} {'is new' if n not in old.entries else 'is gone' if n not in new.entries else 'changed'}"
                  for n in names if old.entries.get(n) != new.entries.get(n)]
-        out.append(f"{field} {old.path}: " + (", ".join(diffs[:3]) or "content changed")
+        out.append(f"{field} {old.path}: " + (", ".join(diffs[:3]) or f"content changed ({new.files} files)")
                    + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""))
     if (recorded.validation is None) != (now.validation is None):
         out.append("data.validation_path: set in one run and not the other")

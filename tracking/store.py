@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rayfoundry import storage
 from rayfoundry.errors import ConfigError
-from tracking.tracker import DEFAULT_EXPERIMENT, IDENTITY_FIELDS, default_uri, flatten, param_value
+from tracking.tracker import DEFAULT_EXPERIMENT, HTTP_BOUNDS, IDENTITY_FIELDS, default_uri, flatten, param_value
 from trainers.summary import RESULT_FILE, parse_summary
 
 
@@ -46,6 +46,8 @@ class MlflowRuns:
     def __init__(self, uri: str, experiment: str):
         from mlflow import MlflowClient
 
+        for key, value in HTTP_BOUNDS.items():  # a server that does not answer: an error, not a hang
+            os.environ.setdefault(key, value)
         self.uri, self.client = uri, MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -69,7 +71,11 @@ class MlflowRuns:
         hits = hits or [r for r in runs if r.info.run_name == ref]
         if not hits:
             raise ConfigError(f"run {ref!r}: no such run id, id prefix or run name in {self.uri}")
-        return self._record(hits[0])  # the newest of that name
+        if len(hits) > 1:
+            ids = ", ".join(r.info.run_id[:12] for r in hits[:5])
+            raise ConfigError(f"run {ref!r}: {len(hits)} runs match ({ids}{', ...' if len(hits) > 5 else ''}); "
+                              f"give a run id")
+        return self._record(hits[0])
 
     def _record(self, run, artifacts: bool = True) -> RunRecord:
         tags = run.data.tags
@@ -97,11 +103,14 @@ class RunDirs:
         if not os.path.isdir(self.root):
             raise ConfigError(f"{self.root}: no such run storage directory")
         found = []
-        for entry in sorted(os.scandir(self.root), key=lambda e: e.stat().st_mtime, reverse=True):
-            record = self._read(entry.path) if entry.is_dir() else None
+        for entry in os.scandir(self.root):
+            try:
+                record = self._read(entry.path) if entry.is_dir() else None
+            except (OSError, UnicodeDecodeError):  # unreadable or a broken link: not a run
+                record = None
             if record is not None:
                 found.append(record)
-        return found[:limit]
+        return sorted(found, key=lambda r: r.started or "", reverse=True)[:limit]
 
     def get(self, ref: str) -> RunRecord:
         path = ref if os.sep in ref else os.path.join(self.root, ref)

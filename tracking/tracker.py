@@ -15,9 +15,12 @@ same MLflow run: its id is kept in `<run_dir>/tracking.json`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,19 +125,19 @@ class Tracker:
             writer.add_text("tags", "\n".join(f"    {k}: {v}" for k, v in tags.items()))
             return
         _probe(self.ref.uri)
-        client = self.client()
-        stored = _stored_ref(run_dir)
-        previous = client.get_run(stored.run_id) if stored and stored.backend == "mlflow" and stored.uri == self.ref.uri \
-            and stored.run_id else None
-        if previous is not None and previous.info.lifecycle_stage == "active":
+        with _store_lock(self.ref.uri):  # MLflow creates a new SQLite store's tables: one process at a time
+            client = self.client()
+            client.search_experiments(max_results=1)
+        previous = _previous_run(client, _stored_ref(run_dir), self.ref.uri, run_dir)
+        if previous is not None:
             # The same run continues (resumed, or extended with more epochs). MLflow keeps a parameter's
             # first value: a changed one (run.epochs) is noted in a tag instead.
-            self.ref = stored
-            client.update_run(stored.run_id, status="RUNNING")
+            self.ref = _stored_ref(run_dir)
+            client.update_run(self.ref.run_id, status="RUNNING")
             logged = previous.data.params
             changed = [f"{k}: {logged[k]} -> {param_value(v)}" for k, v in params.items()
-                       if k in logged and logged[k] != param_value(v)]
-            params = {k: v for k, v in params.items() if k not in logged}
+                       if param_key(k) in logged and logged[param_key(k)] != param_value(v)]
+            params = {k: v for k, v in params.items() if param_key(k) not in logged}
             if changed:
                 tags = tags | {"rayfoundry.changed_params": "; ".join(changed)}
         else:
@@ -170,36 +173,43 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         if self.off or self.ref.backend != "mlflow":
             return
-        from mlflow.entities import Param
 
-        items = [Param(k, param_value(v)) for k, v in params.items()]
-        self._safely("log parameters", lambda: [self.client().log_batch(self.ref.run_id, params=items[i:i + 100])
-                                                  for i in range(0, len(items), 100)])
+        def log() -> None:
+            from mlflow.entities import Param
+
+            items = [Param(param_key(k), param_value(v)) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client().log_batch(self.ref.run_id, params=items[i:i + 100])
+        self._safely("log parameters", log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.off or self.ref.backend != "mlflow":
             return
-        from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
-        self._safely("set tags", lambda: self.client().log_batch(self.ref.run_id, tags=items))
+        def log() -> None:
+            from mlflow.entities import RunTag
+
+            self.client().log_batch(self.ref.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+        self._safely("set tags", log)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         if self.off:
             return
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        if self.ref is not None and self.ref.backend == "tensorboard":
+        numeric = _numeric(metrics)
+        if self.ref.backend == "tensorboard":
             def write() -> None:
                 for key, value in numeric.items():
                     self.writer().add_scalar(key, value, step)
                 self.writer().flush()
             self._safely("write TensorBoard scalars", write)
             return
-        from mlflow.entities import Metric
 
-        now = _now_ms()
-        items = [Metric(k, v, now, step) for k, v in numeric.items()]
-        self._safely("log metrics", lambda: self.client().log_batch(self.ref.run_id, metrics=items))
+        def log() -> None:
+            from mlflow.entities import Metric
+
+            now = _now_ms()
+            self.client().log_batch(self.ref.run_id, metrics=[Metric(param_key(k), v, now, step) for k, v in numeric.items()])
+        self._safely("log metrics", log)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.ref is not None and self.ref.backend == "tensorboard":
@@ -225,7 +235,45 @@ class Tracker:
             message = " ".join(str(e).split())[:300]
             self.log(f"tracking: {where} failed to {what} ({type(e).__name__}: {message}); "
                      f"the run goes on without tracking")
+            if self.ref is not None and self.ref.backend == "mlflow" and self.ref.run_id and self._client is not None:
+                try:  # best effort: a run that stopped being tracked should not stay RUNNING forever
+                    self._client.set_terminated(self.ref.run_id, status="FAILED")
+                except Exception:
+                    pass
             return None
+
+
+def _previous_run(client, stored: TrackingRef | None, uri: str, run_dir: str):
+    """The MLflow run `tracking.json` names, if it still exists, is active, and belongs to this run
+    directory (a tracking.json copied from another run directory is not followed)."""
+    from mlflow.exceptions import MlflowException
+
+    if stored is None or stored.backend != "mlflow" or stored.uri != uri or not stored.run_id:
+        return None
+    try:
+        run = client.get_run(stored.run_id)
+    except MlflowException:  # the store was replaced or the run deleted: start a new run
+        return None
+    if run.info.lifecycle_stage != "active" or run.data.tags.get("rayfoundry.run_dir") != run_dir:
+        return None
+    return run
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive lock beside a local SQLite store while MLflow creates or upgrades its tables; runs
+    started together on a new store otherwise race in its migrations."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def find_trial_run(client, experiment_id: str, parent_run_id: str, trial_id: str) -> str | None:
@@ -239,6 +287,9 @@ def source_run(ref: TrackingRef | None, log=print) -> Tracker:
     """A tracker on the run a lineage names (a sweep trial's run is looked up by its trial id); off when
     there is none."""
     if ref is None or ref.backend != "mlflow":
+        return Tracker(None, log)
+    if ref.uri.startswith("sqlite:///") and not os.path.isfile(ref.uri.removeprefix("sqlite:///")):
+        log(f"tracking: the source run's store {ref.uri} is not on this machine; the export is not recorded against it")
         return Tracker(None, log)
     tracker = Tracker(ref, log)
     if ref.run_id is None and ref.trial_id and ref.parent_run_id:
@@ -273,6 +324,22 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts", experiment).as_uri()
+
+
+def param_key(key: str) -> str:
+    """A name MLflow accepts (letters, digits, _ - . / and space); free-form config dicts may hold others."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key)[:250]
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                out[key] = float(value)
+            except OverflowError:  # an int beyond float range is not a metric
+                pass
+    return out
 
 
 def param_value(value: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -216,7 +217,16 @@ class TrackingSection(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI (http://host:5000, sqlite:////abs/mlflow.db, databricks); unset: "
         "a SQLite file mlflow.db in run.storage_path. Ignored by tensorboard (files go in the run directory).")
-    experiment: str | None = Field(None, description="MLflow experiment name; unset: rayfoundry.")
+    experiment: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                   description="MLflow experiment name; unset: rayfoundry.")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> TrackingSection:
+        if self.uri and "://" in self.uri and (urlsplit(self.uri).username or urlsplit(self.uri).password):
+            raise ValueError("tracking.uri holds credentials, which would be copied into run records and package "
+                             "metadata; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                             "MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return self
 
 
 class TrainJob(Section):

@@ -8,13 +8,15 @@ import math
 import time
 
 from rayfoundry import storage
-from rayfoundry.errors import ConfigError
+from rayfoundry.errors import ConfigError, DataError
 from rayfoundry.ray_env import connect_ray
-from tracking.fingerprint import fingerprint_data
-from tracking.records import Lineage, TrackingRef
+from tracking.fingerprint import changed_sources, fingerprint_data
+from tracking.records import DataFingerprint, Lineage, TrackingRef
 from tracking.tracker import Tracker, code_revision, config_hash, flatten, lineage_tags, rayfoundry_version
 from trainers.config import TrainJob
 from trainers.summary import CONFIG_FILE, RESULT_FILE, RunSummary, parse_summary
+
+LINEAGE_FILE = "data_fingerprint.json"  # the data a run directory was started on
 
 
 def run_dir(job) -> str:
@@ -46,10 +48,21 @@ def check_same_config(job: TrainJob, out_dir: str, previous: RunSummary | None) 
 
 def open_tracking(job: TrainJob, out_dir: str, tracked_by: TrackingRef | None, log) -> tuple[Tracker, Lineage]:
     """Fingerprint the data, then open the run's tracker (or note the sweep's, for a trial) and build its
-    lineage: what every checkpoint and package of this run carries."""
+    lineage: what every checkpoint and package of this run carries. A run directory started on other
+    data is refused, naming the file that changed, as one started with another config is."""
     job_json = json.loads(job.model_dump_json())
+    data = fingerprint_data(job.data.train_path, job.data.validation_path)
+    lineage_path = storage.join(out_dir, LINEAGE_FILE)
+    stored = storage.read_text(lineage_path)
+    if stored is not None:
+        changed = changed_sources(DataFingerprint.model_validate_json(stored), data)
+        if changed:
+            raise DataError(f"{out_dir} holds a run started on other data ({'; '.join(changed)}); --restart trains it "
+                            f"again from scratch, or set run.name to start a new run beside it")
+    else:
+        storage.write_text(lineage_path, data.model_dump_json(indent=2))
     lineage = Lineage(config_hash=config_hash(job_json), code_revision=code_revision(), rayfoundry_version=rayfoundry_version(),
-                      data=fingerprint_data(job.data.train_path, job.data.validation_path))
+                      data=data)
     tracker = Tracker.open(job.tracking, storage_path=job.run.storage_path, run_dir=out_dir, run_name=job.run.name,
                            params=flatten(job_json), tags=lineage_tags(lineage, "train", out_dir), log=log)
     lineage.tracking = tracker.ref if not tracker.off else tracked_by

@@ -132,7 +132,8 @@ def test_asha_two_at_a_time_stops_a_hopeless_trial_resumes_after_a_kill_and_its_
                and r.data.params["data.train_path"] == "sklearn:digits" for r in trials)
     by_trial = {r.data.tags["rayfoundry.trial_id"]: r for r in trials}
     winner = by_trial[best["trial"]]
-    assert [m.step for m in client.get_metric_history(winner.info.run_id, "val_accuracy")] == [1, 2]
+    # a trial running when the driver was killed repeats the epoch it had not checkpointed
+    assert sorted({m.step for m in client.get_metric_history(winner.info.run_id, "val_accuracy")}) == [1, 2]
     assert {a.path for a in client.list_artifacts(sweep.info.run_id)} == {"leaderboard.json", "best_train.yaml"}
     assert sweep.data.metrics["best_val_accuracy"] == pytest.approx(best["value"])
     # --register's export was recorded against the winning trial's run.

@@ -164,7 +164,8 @@ def test_tracking_defaults_to_mlflow_and_refuses_an_unknown_backend():
 # -- Tracker: MLflow on a SQLite store beside the runs -----------------------------------------------
 def _open(section, storage_path: Path, name: str, params: dict, lines: list) -> Tracker:
     return Tracker.open(section, storage_path=str(storage_path), run_dir=str(storage_path / name), run_name=name,
-                        params=params, tags={"rayfoundry.kind": "train"}, log=lines.append)
+                        params=params, tags={"rayfoundry.kind": "train", "rayfoundry.run_dir": str(storage_path / name)},
+                        log=lines.append)
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +341,79 @@ def test_runs_compare_of_a_missing_run_is_one_line_and_exit_2(cli, mlflow_store,
     captured = capsys.readouterr()
     assert captured.err.startswith("error: run 'nope': no ") and captured.err.count("\n") == 1
     assert captured.out == ""
+
+
+# -- hardening -------------------------------------------------------------------------------------
+def test_a_just_written_file_is_not_cached_and_reproduce_trusts_no_cache(tmp_path, hashed):
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("1\n")  # mtime now: a second write in the same clock tick could keep it
+    fingerprint_data(str(fresh)), fingerprint_data(str(fresh))
+    assert hashed == ["fresh.csv", "fresh.csv"]
+    old = tmp_path / "old.csv"
+    _write(old, "1\n", T0)
+    first = fingerprint_data(str(old))
+    _write(old, "2\n", T0)  # same size, mtime put back: the cache cannot tell
+    assert fingerprint_data(str(old)).digest == first.digest
+    assert fingerprint_data(str(old), cached=False).digest != first.digest
+
+
+def test_a_rerun_on_changed_data_is_refused_naming_the_file(tmp_path, hashed):
+    from trainers.run import open_tracking
+
+    data = tmp_path / "train.csv"
+    _write(data, "x,label\n1,0\n", T0)
+    job = parse_job(DIGITS | {"data": {"train_path": str(data)}, "model": {"type": "mlp"},
+                              "tracking": {"backend": "none"}, "run": {"name": "r", "storage_path": str(tmp_path)}})
+    out_dir = str(tmp_path / "r")
+    assert open_tracking(job, out_dir, None, print)[1].data.train.files == 1
+    assert open_tracking(job, out_dir, None, print)[0].off  # unchanged data: the rerun goes on
+    _write(data, "x,label\n2,0\n", T0 + 10**9)
+    with pytest.raises(DataError, match=rf"^{re.escape(out_dir)} holds a run started on other data \(data.train_path "
+                       rf"{re.escape(str(data))}: train.csv changed\); --restart"):
+        open_tracking(job, out_dir, None, print)
+
+
+def test_a_tracking_json_copied_from_another_run_dir_or_naming_a_lost_run_starts_a_new_run(mlflow_store, tmp_path):
+    shutil.copy(mlflow_store.storage / "mlflow.db", tmp_path / "mlflow.db")
+    section, lines = TrackingSection(backend="mlflow", uri=None), []
+    victim = _open(section, tmp_path, "victim", {"optim.lr": 0.1}, lines)
+    victim.finish()
+    (tmp_path / "intruder").mkdir()
+    shutil.copy(tmp_path / "victim" / "tracking.json", tmp_path / "intruder" / "tracking.json")
+    intruder = _open(section, tmp_path, "intruder", {"optim.lr": 0.2}, lines)
+    assert intruder.ref.run_id != victim.ref.run_id and lines == []
+    stored = json.loads((tmp_path / "victim" / "tracking.json").read_text())
+    (tmp_path / "victim" / "tracking.json").write_text(json.dumps(stored | {"run_id": "f" * 32}))  # a lost run
+    again = _open(section, tmp_path, "victim", {"optim.lr": 0.1}, lines)
+    assert not again.off and again.ref.run_id != victim.ref.run_id and lines == []
+
+
+def test_credentials_in_the_tracking_uri_are_refused():
+    with pytest.raises(ConfigError, match=r"^job\.yaml: tracking: tracking\.uri holds credentials.*"
+                       r"MLFLOW_TRACKING_USERNAME"):
+        parse_job(DIGITS | {"tracking": {"uri": "https://alice:secret@mlflow.example:5000"}}, "job.yaml")
+    with pytest.raises(ConfigError, match=r"tracking\.experiment: String should match pattern"):
+        parse_job(DIGITS | {"tracking": {"experiment": "../../etc"}}, "job.yaml")
+
+
+def test_param_names_mlflow_refuses_are_cleaned_and_huge_numbers_skipped(mlflow_store, tmp_path):
+    from mlflow import MlflowClient
+
+    shutil.copy(mlflow_store.storage / "mlflow.db", tmp_path / "mlflow.db")
+    lines: list[str] = []
+    odd = _open(TrackingSection(backend="mlflow"), tmp_path, "odd", {"model.from_config.id2label.a+b(c)": "x"}, lines)
+    odd.log_metrics({"val_accuracy": 0.5, "huge": 10**400}, step=1)
+    odd.finish()
+    run = MlflowClient(odd.ref.uri).get_run(odd.ref.run_id)
+    assert lines == [] and run.data.params == {"model.from_config.id2label.a_b_c_": "x"}
+    assert run.data.metrics == {"val_accuracy": 0.5} and run.info.status == "FINISHED"
+
+
+def test_runs_show_refuses_a_name_that_several_runs_share(mlflow_store, tmp_path):
+    shutil.copy(mlflow_store.storage / "mlflow.db", tmp_path / "mlflow.db")
+    lines: list[str] = []
+    for run_dir in ("one", "two"):
+        Tracker.open(TrackingSection(backend="mlflow"), storage_path=str(tmp_path), run_dir=str(tmp_path / run_dir),
+                     run_name="same", params={}, tags={"rayfoundry.run_dir": str(tmp_path / run_dir)}, log=lines.append)
+    with pytest.raises(ConfigError, match=r"^run 'same': 2 runs match \([0-9a-f]{12}, [0-9a-f]{12}\); give a run id$"):
+        open_runs(str(tmp_path), None, None).get("same")
