@@ -125,14 +125,18 @@ class Tracker:
             writer.add_text("tags", "\n".join(f"    {k}: {v}" for k, v in tags.items()))
             return
         _probe(self.ref.uri)
-        with _store_lock(self.ref.uri):  # MLflow creates a new SQLite store's tables: one process at a time
+        name = section.experiment or DEFAULT_EXPERIMENT
+        with _store_lock(self.ref.uri):  # a new SQLite store's tables and experiment: one process at a time
             client = self.client()
-            client.search_experiments(max_results=1)
-        previous = _previous_run(client, _stored_ref(run_dir), self.ref.uri, run_dir)
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+                name, artifact_location=_artifact_location(self.ref.uri, name))
+        stored = _stored_ref(run_dir)
+        previous = _previous_run(client, stored, self.ref.uri, run_dir)
         if previous is not None:
             # The same run continues (resumed, or extended with more epochs). MLflow keeps a parameter's
             # first value: a changed one (run.epochs) is noted in a tag instead.
-            self.ref = _stored_ref(run_dir)
+            self.ref = stored
             client.update_run(self.ref.run_id, status="RUNNING")
             logged = previous.data.params
             changed = [f"{k}: {logged[k]} -> {param_value(v)}" for k, v in params.items()
@@ -141,10 +145,6 @@ class Tracker:
             if changed:
                 tags = tags | {"rayfoundry.changed_params": "; ".join(changed)}
         else:
-            name = section.experiment or DEFAULT_EXPERIMENT
-            experiment = client.get_experiment_by_name(name)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-                name, artifact_location=_artifact_location(self.ref.uri, name))
             all_tags = tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
             run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
             self.ref = TrackingRef(backend="mlflow", uri=self.ref.uri, experiment_id=experiment_id,

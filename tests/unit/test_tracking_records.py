@@ -417,3 +417,25 @@ def test_runs_show_refuses_a_name_that_several_runs_share(mlflow_store, tmp_path
                      run_name="same", params={}, tags={"rayfoundry.run_dir": str(tmp_path / run_dir)}, log=lines.append)
     with pytest.raises(ConfigError, match=r"^run 'same': 2 runs match \([0-9a-f]{12}, [0-9a-f]{12}\); give a run id$"):
         open_runs(str(tmp_path), None, None).get("same")
+
+
+def test_runs_starting_together_on_a_new_store_are_all_tracked(tmp_path):
+    """Separate processes creating the same new SQLite store take turns (a lock file beside it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from trainers.config import TrackingSection; from tracking.tracker import Tracker\n"
+            "d = sys.argv[1] + '/' + sys.argv[2]\n"
+            "t = Tracker.open(TrackingSection(), storage_path=sys.argv[1], run_dir=d, run_name=sys.argv[2], params={},"
+            " tags={'rayfoundry.run_dir': d}, log=print)\n"
+            "t.finish(); print('off' if t.off else 'on')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"r{i}"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == ["on", "on", "on"], outs
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(client.search_runs([client.get_experiment_by_name("rayfoundry").experiment_id])) == 3
