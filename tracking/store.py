@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rayfoundry import storage
 from rayfoundry.errors import ConfigError
-from tracking.tracker import DEFAULT_EXPERIMENT, HTTP_BOUNDS, IDENTITY_FIELDS, default_uri, flatten, param_value
+from tracking.tracker import DEFAULT_EXPERIMENT, IDENTITY_FIELDS, bound_http_retries, default_uri, flatten, param_value
 from trainers.summary import RESULT_FILE, parse_summary
 
 
@@ -46,8 +46,7 @@ class MlflowRuns:
     def __init__(self, uri: str, experiment: str):
         from mlflow import MlflowClient
 
-        for key, value in HTTP_BOUNDS.items():  # a server that does not answer: an error, not a hang
-            os.environ.setdefault(key, value)
+        bound_http_retries()  # a server that does not answer: an error, not a hang
         self.uri, self.client = uri, MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rayfoundry import storage
-from tracking.records import TrackingRef
+from tracking.records import Lineage, TrackingRef
 
 TRACKING_FILE = "tracking.json"
 TRIAL_TAG = "rayfoundry.trial_id"
@@ -156,8 +156,7 @@ class Tracker:
     # -- logging -------------------------------------------------------------------------------------
     def client(self):
         if self._client is None:
-            for key, value in HTTP_BOUNDS.items():
-                os.environ.setdefault(key, value)
+            bound_http_retries()
             from mlflow import MlflowClient
 
             self._client = MlflowClient(self.ref.uri)
@@ -351,6 +350,18 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def build_lineage(job_json: dict[str, Any], data) -> Lineage:
+    """A run's lineage (its tracked run is set once the tracker is open)."""
+    return Lineage(config_hash=config_hash(job_json), code_revision=code_revision(),
+                   rayfoundry_version=rayfoundry_version(), data=data)
+
+
+def bound_http_retries() -> None:
+    """MLflow's HTTP retry and timeout bounds (HTTP_BOUNDS), unless the user set them."""
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
 
 
 def lineage_tags(lineage, kind: str, run_dir: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from rayfoundry.errors import ConfigError, DataError
 from rayfoundry.ray_env import connect_ray
 from tracking.fingerprint import changed_sources, fingerprint_data
 from tracking.records import DataFingerprint, Lineage, TrackingRef
-from tracking.tracker import Tracker, code_revision, config_hash, flatten, lineage_tags, rayfoundry_version
+from tracking.tracker import Tracker, build_lineage, flatten, lineage_tags
 from trainers.config import TrainJob
 from trainers.summary import CONFIG_FILE, RESULT_FILE, RunSummary, parse_summary
 
@@ -61,8 +61,7 @@ def open_tracking(job: TrainJob, out_dir: str, tracked_by: TrackingRef | None, l
                             f"again from scratch, or set run.name to start a new run beside it")
     else:
         storage.write_text(lineage_path, data.model_dump_json(indent=2))
-    lineage = Lineage(config_hash=config_hash(job_json), code_revision=code_revision(), rayfoundry_version=rayfoundry_version(),
-                      data=data)
+    lineage = build_lineage(job_json, data)
     tracker = Tracker.open(job.tracking, storage_path=job.run.storage_path, run_dir=out_dir, run_name=job.run.name,
                            params=flatten(job_json), tags=lineage_tags(lineage, "train", out_dir), log=log)
     lineage.tracking = tracker.ref if not tracker.off else tracked_by

@@ -32,8 +32,7 @@ from rayfoundry.errors import SweepError
 from rayfoundry.ray_env import connect_ray
 from tracking.callbacks import SweepTracking
 from tracking.fingerprint import fingerprint_data
-from tracking.records import Lineage
-from tracking.tracker import DEFAULT_EXPERIMENT, Tracker, code_revision, config_hash, flatten, lineage_tags, rayfoundry_version
+from tracking.tracker import DEFAULT_EXPERIMENT, Tracker, build_lineage, flatten, lineage_tags
 from trainers.config import TrainJob
 from trainers.run import run_dir
 from tuning.config import ASHA, PBT, LoadedTune, TuneJob, job_for
@@ -120,9 +119,8 @@ def open_sweep_tracking(loaded: LoadedTune, path: str, log) -> tuple[Tracker, li
     """The sweep's own run (parameters: the sweep spec) and the Tune callback that nests one run per trial
     under it. The trials' own training runs track nothing themselves."""
     job = loaded.base_job
-    lineage = Lineage(config_hash=config_hash(json.loads(job.model_dump_json())), code_revision=code_revision(),
-                      rayfoundry_version=rayfoundry_version(),
-                      data=fingerprint_data(job.data.train_path, job.data.validation_path))
+    lineage = build_lineage(json.loads(job.model_dump_json()),
+                            fingerprint_data(job.data.train_path, job.data.validation_path))
     tags = lineage_tags(lineage, "sweep", path)
     tracker = Tracker.open(job.tracking, storage_path=loaded.spec.run.storage_path, run_dir=path,
                            run_name=loaded.spec.run.name, params=flatten(json.loads(loaded.fingerprint())), tags=tags,
