@@ -18,7 +18,7 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
 
 def tiny_text_job(shared_data: Path, tmp_path: Path, name: str = "tiny_sst2", strategy: dict | None = None,
                   epochs: int = 2):
-    """A tiny BERT on an 800-row slice of SST-2 train (and of dev for validation), 2 workers."""
+    """A tiny BERT on an 800-row slice of SST-2 train (and of dev for validation), 2 workers, untracked."""
     from trainers.config import parse_job
 
     return parse_job({
@@ -30,6 +30,7 @@ def tiny_text_job(shared_data: Path, tmp_path: Path, name: str = "tiny_sst2", st
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "strategy": strategy or {"name": "ddp"},
         "run": {"name": name, "storage_path": str(tmp_path), "epochs": epochs},
+        "tracking": {"backend": "none"},  # tracking has its own tests (about 7 s of each run on 2 cores)
     })
 
 

@@ -1,20 +1,13 @@
-"""Where per-epoch metrics reach the tracker: a Ray Train callback for training runs and a Tune logger
-callback for sweeps. Both run in one place per run (the Train controller, the Tune driver), so ranks
-other than 0 never log and a worker-group restart does not start a second run.
-
-Why not `setup_mlflow` in the workers: it starts a new MLflow run each time the worker group starts,
-so a run that recovers from a worker failure would be split over several MLflow runs.
-"""
+"""The Tune logger callback that tracks a sweep's trials as nested MLflow runs (Ray's
+`MLflowLoggerCallback`, extended). It runs on the Tune driver, one place per sweep."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.train import UserCallback
 
 from tracking.records import TrackingRef
 from tracking.tracker import TRIAL_TAG, Tracker, config_hash, find_trial_run, flatten
+from tracking.train_callback import say
 
 END_TAG = "rayfoundry.end_reason"
 MAX_CLONE_NOTES = 10
@@ -22,25 +15,6 @@ MAX_CLONE_NOTES = 10
 TUNE_NOISE = {"pid", "timestamp", "done", "should_checkpoint", "time_this_iter_s", "time_since_restore",
               "iterations_since_restore", "training_iteration"}
 CLONES_TAG = "rayfoundry.pbt_clones"
-
-
-def say(line: str) -> None:
-    print(line, flush=True)
-
-
-class TrainTracking(UserCallback):
-    """On the Train controller: rank 0's report of each epoch, logged at step = epoch."""
-
-    def __init__(self, ref: TrackingRef):
-        self.ref = ref
-        self._tracker: Tracker | None = None
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if self._tracker is None:
-            self._tracker = Tracker(self.ref, log=say)
-        report = metrics[0]
-        epoch = report.get("epoch")
-        self._tracker.log_metrics(report, step=epoch if isinstance(epoch, int) else 0)
 
 
 class SweepTracking(MLflowLoggerCallback):

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,27 @@ class Tracker:
         tracker = cls(TrackingRef(backend=section.backend, uri=uri), log)
         tracker._safely("open a run", lambda: tracker._open(section, run_dir, run_name, params, tags, parent_run_id))
         return tracker
+
+    @staticmethod
+    def warm_up(section, *, storage_path: str, run_dir: str) -> threading.Thread | None:
+        """Import MLflow and create a new SQLite store in the background (about 4 s on 2 cores) while the
+        driver prepares data; `open` then finds both ready. Failures are left for `open` to report."""
+        if section.backend != "mlflow":
+            return None
+        uri = default_uri(section.backend, section.uri, storage_path, run_dir)[0]
+
+        def work() -> None:
+            try:
+                from mlflow import MlflowClient
+
+                if uri and uri.startswith("sqlite:///"):
+                    with _store_lock(uri):
+                        MlflowClient(uri).search_experiments(max_results=1)
+            except Exception:
+                pass
+        thread = threading.Thread(target=work, name="tracking-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def _open(self, section, run_dir: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
               parent_run_id: str | None) -> None:

@@ -78,7 +78,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from tracking.callbacks import TrainTracking
+    from tracking.train_callback import TrainTracking
     from trainers.models import default_text_model_dir
     from trainers.ray_data import check_local_paths, prepare_data, quiet_ray_data
     from trainers.recovery import FailureLog, count_failures, fault_from_env, new_run_id
@@ -105,6 +105,8 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     connect_ray()
     quiet_ray_data()
     started = time.time()
+    warming = None if dry_run or tracked_by else Tracker.warm_up(job.tracking, storage_path=job.run.storage_path,
+                                                                  run_dir=out_dir)
     tokenizer_path = (job.model.pretrained_path or default_text_model_dir()) if job.model.type == "text" else None
     data = prepare_data(job, tokenizer_path)
     world = 1 if dry_run else job.scaling.num_workers
@@ -118,6 +120,8 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     tracker, lineage = Tracker(None), None
     if not dry_run:  # the data checked out: from here on the run directory belongs to this config
         storage.write_text(storage.join(out_dir, CONFIG_FILE), job.model_dump_json(indent=2))
+        if warming is not None:
+            warming.join()
         tracker, lineage = open_tracking(job, out_dir, tracked_by, log)
     run_id = new_run_id()
     use_gpu = job.scaling.use_gpu

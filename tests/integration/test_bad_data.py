@@ -23,6 +23,7 @@ def _job(tmp_path, train_text, val_text=None, **data):
                                                   "num_attention_heads": 1, "intermediate_size": 16}},
         "optim": {"batch_size": 8}, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "run": {"name": "bad", "storage_path": str(tmp_path / "runs"), "epochs": 1},
+        "tracking": {"backend": "none"},  # tracking has its own tests; these are about data
     })
 
 
