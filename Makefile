@@ -71,7 +71,7 @@ bench-serve: $(STAMP)  ## HTTP load vs the offline ceiling and a hand-written se
 bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial overhead (~8 min)
 	$(PY) benchmarks/tune_efficiency.py
 
-bench-tracking: $(STAMP)  ## tracking: none vs MLflow vs TensorBoard on a training run; data fingerprint cost (~7 min)
+bench-tracking: $(STAMP)  ## tracking: none vs MLflow vs TensorBoard on a training run; data fingerprint cost (~5 min)
 	$(PY) benchmarks/tracking_overhead.py
 
 # A local Ray head like a cluster's: token authentication on (Ray 2.60's `ray start --head` default,

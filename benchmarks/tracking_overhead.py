@@ -1,6 +1,6 @@
 """What does tracking cost a training run, and what does fingerprinting the data cost?
 
-    .venv/bin/python benchmarks/tracking_overhead.py            # ~7 minutes on 2 cores
+    .venv/bin/python benchmarks/tracking_overhead.py            # ~5 minutes on 2 cores
     .venv/bin/python benchmarks/tracking_overhead.py --repeats 3 --epochs 6
 
 Training: the shipped digits job (2 DDP workers) with tracking `none`, `mlflow` (the default: a SQLite
