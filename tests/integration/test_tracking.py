@@ -51,6 +51,7 @@ def test_a_ddp_run_is_one_mlflow_run_with_every_field_epoch_tag_and_artifact(dig
     assert json.loads(open(artifact).read())["best_checkpoint"] == summary.best_checkpoint
 
 
+@pytest.mark.slow  # trains a second digits run (~30 s): `make test-fast` skips it
 def test_runs_compare_shows_a_changed_learning_rate(digits_run, capsys, tmp_path):
     job, _, storage = digits_run
     other = load_job(DIGITS, [f"run.storage_path={storage}", "run.name=digits_lr1e-3", "optim.lr=1e-3",
@@ -69,6 +70,7 @@ def test_runs_compare_shows_a_changed_learning_rate(digits_run, capsys, tmp_path
     assert "digits_lr1e-3" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains and exports (~30 s): `make test-fast` skips it
 def test_a_down_tracking_server_costs_one_line_and_reproduce_refuses_changed_data(ray_cluster, tmp_path, capsys):
     """One small run on a CSV, tracked at a server that is not there: it trains and says so once. Its
     package then reproduces while the CSV is unchanged, and is refused, naming the file, once it changed."""
