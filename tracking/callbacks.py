@@ -66,8 +66,10 @@ class SweepTracking(MLflowLoggerCallback):
 
     def _note_clone(self, trial, donor: str, epoch: int) -> None:
         """Record a continuation from another trial's checkpoint (a PBT exploit), once per donor checkpoint."""
-        if trial.trial_id in donor:  # its own checkpoint: a retry or a resumed sweep
+        noted = self.__dict__.setdefault("_noted", set())  # (trial, donor) pairs on record, so later epochs skip the store
+        if trial.trial_id in donor or (trial.trial_id, donor) in noted:  # its own checkpoint: a retry or a resume
             return
+        noted.add((trial.trial_id, donor))
         run_id = self._run_id(trial)
         client = self.mlflow_util._get_client()
         before = client.get_run(run_id).data.tags.get(CLONES_TAG, "")
