@@ -6,8 +6,9 @@ Steps: verify the checkpoint's sha256 manifests (and refuse symlinks); copy only
 those manifests list; load the model from safetensors; export ONNX with
 dynamic axes; check torch and ONNX Runtime logits agree on a validation sample (max |diff| <=
 parity_tolerance, at several batch shapes); score ONNX fp32 (and int8) on the run's whole validation
-set; refuse int8 when it loses more than max_int8_drop accuracy; keep two validation instances as
-sample requests; publish atomically.
+set; refuse int8 when it loses more than max_int8_drop accuracy; profile the model's outputs and inputs
+on the validation set (the reference serving compares live traffic with); keep two validation
+instances as sample requests; publish atomically.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from model_registry.package import (
 from model_registry.predictor import PackageDraft, Predictor, resolve_device, score
 from model_registry.registry import NAME_PATTERN, Registry
 from model_registry.validation import ValidationSet, load_validation, sample_instances
+from monitoring.profile import profile_predictor
 from rayfoundry.errors import CheckpointError, ExportError
 from tracking.tracker import source_run
 from trainers.checkpoint import manifest_files, verify_checksums
@@ -235,6 +237,7 @@ def export(spec: ExportJob, log=print) -> PackageMetadata:
         metrics = {"onnx": score(onnx, validation)}
         log(f"  onnx fp32: {job.checkpoint.metric} {metrics['onnx'][job.checkpoint.metric]:.4f} on {len(validation)} rows")
 
+        profile = profile_predictor(onnx, validation, "onnx", metrics["onnx"])
         drop = None
         if spec.quantize == "int8":
             quantize_int8(staging / "model.onnx", staging / "model.int8.onnx")
@@ -269,6 +272,7 @@ def export(spec: ExportJob, log=print) -> PackageMetadata:
                               if spec.quantize == "int8" else None,
                               seconds=round(time.time() - started, 2)),
             libraries=library_versions(),
+            monitoring=profile,
         )
         published: list[PackageMetadata] = []
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitoring.profile import ReferenceProfile
 from rayfoundry import storage
 from rayfoundry.errors import PackageError, describe_validation_error
 from tracking.records import Lineage
@@ -137,6 +138,9 @@ class PackageMetadata(Record):
     parity: Parity
     export: ExportInfo
     libraries: dict[str, str] = Field(default_factory=dict)
+    monitoring: ReferenceProfile | None = Field(None, description="What the model did on its validation rows, the "
+                                                "reference that serving compares live traffic with; absent for "
+                                                "packages exported before profiles existed.")
 
     @model_validator(mode="before")
     @classmethod

@@ -53,6 +53,11 @@ def onnx_session(path: Path, device: str = "cpu", intra_op_threads: int = 0, spi
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 class Predictor:
     """Instances -> logits [B, num_labels] with one engine of a verified `ModelPackage` (or a
     `PackageDraft` during export)."""

@@ -120,12 +120,26 @@ class RolloutRecord(BaseModel):
     guards: list[GuardResult] = Field(default_factory=list)
 
 
+class RetrainRecord(BaseModel):
+    """One step of the retraining loop: triggered by an alarm, then trained, exported and shadowed (or failed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: Literal["dry_run", "submitted", "trained", "exported", "shadow", "failed"]
+    trigger: str | None = Field(None, description="Which alarm, on which version.")
+    command: list[str] | None = None
+    submission: str | None = Field(None, description="The Ray job id, or the local process id and its log file.")
+    data_path: str | None = None
+    run_dir: str | None = None
+    candidate: str | None = None
+
+
 class Event(BaseModel):
-    """One entry of a model's history: a promotion, a rollback, a policy change or a rollout's decision."""
+    """One entry of a model's history: a promotion, a rollback, a policy change, a rollout's decision or a
+    step of the retraining loop."""
 
     model_config = ConfigDict(extra="ignore")
     at: str
-    action: Literal["promote", "rollback", "policy", "unchanged", "rollout"]
+    action: Literal["promote", "rollback", "policy", "unchanged", "rollout", "retrain"]
     user: str = ""
     host: str = ""
     alias: str | None = None
@@ -137,6 +151,7 @@ class Event(BaseModel):
     policy: GatePolicy | None = None
     previous_policy: GatePolicy | None = None
     rollout: RolloutRecord | None = None
+    retraining: RetrainRecord | None = None
 
 
 class RegistryState(BaseModel):

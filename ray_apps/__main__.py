@@ -6,6 +6,7 @@
     python -m ray_apps registry list
     python -m ray_apps serve --model digits@champion
     python -m ray_apps rollout start digits --candidate digits:3
+    python -m ray_apps monitor digits
     python -m ray_apps runs compare digits_cnn digits_cnn_lr3e-3
 
 Each job lives in its own module here; this file maps job names to them and turns every
@@ -17,12 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_apps import cluster, export, registry, rollout, runs, serve, train, tune
+from ray_apps import cluster, export, monitor, registry, retrain, rollout, runs, serve, train, tune
 from rayfoundry.errors import RayfoundryError
 from rayfoundry.ray_env import find_cause, quiet_process
 
 JOBS = {"train": train, "tune": tune, "export": export, "registry": registry, "serve": serve, "rollout": rollout,
-        "runs": runs, "cluster": cluster}
+        "monitor": monitor, "retrain": retrain, "runs": runs, "cluster": cluster}
 
 
 def main(argv: list[str] | None = None) -> int:

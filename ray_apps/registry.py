@@ -78,6 +78,12 @@ def _describe_event(e) -> str:
         lines += [f"    version {v}: {t.requests} requests, {t.errors} errors" +
                   (f", p99 {t.p99_ms:.1f} ms" if t.p99_ms is not None else "") for v, t in sorted(r.tallies.items())]
         return "\n".join(lines)
+    if e.action == "retrain" and e.retraining is not None:
+        r = e.retraining
+        parts = [f"  {e.at} retrain {r.stage} (serving {e.version})"]
+        parts += [f"{k} {v}" for k, v in (("candidate", r.candidate), ("data", r.data_path), ("run", r.run_dir),
+                                          ("via", r.submission)) if v]
+        return "; ".join(parts) + (f" ({e.reason})" if e.reason else "")
     if e.action == "policy":
         was = f" (was {e.previous_policy})" if e.previous_policy else ""
         return f"  {e.at} policy -> {e.policy}{was} by {e.user}" + (f" ({e.reason})" if e.reason else "")

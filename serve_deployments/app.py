@@ -7,7 +7,8 @@ Routes:
 - /v2/models/NAME/...  the model's own application (`serve_deployments.model`): KServe V2 metadata,
   ready, stats and infer (JSON or binary tensors). One HTTP hop: ingress -> model replica.
 - /  this application: GET /v2, /v2/health/live, /v2/health/ready and /v1/models, and
-  POST /v1/models/NAME:predict ({"instances": [...]}), forwarded to the model's replica by handle.
+  POST /v1/models/NAME:predict ({"instances": [...]}), forwarded to the model's replica by handle, and
+  POST /v1/models/NAME:feedback ({"request_id", "label"} pairs), forwarded to the model's controller.
 Errors are JSON `{"error": "..."}` naming the field or instance at fault; 503s carry Retry-After.
 Importing this module does no I/O; the builders resolve model refs when they run.
 """
@@ -22,7 +23,7 @@ from ray import serve
 
 from serve_deployments.config import ServeArgs, ServerArgs, parse_args
 from serve_deployments.http import BodyReader, json_errors
-from serve_deployments.protocol import ApiError, parse_json, v1_instances
+from serve_deployments.protocol import ApiError, feedback_items, parse_json, v1_instances
 
 SERVER_APP = "rayfoundry"
 MODEL_DEPLOYMENT = "ModelServer"
@@ -67,6 +68,7 @@ class Server:
     def __init__(self, models: list[str], limits: dict[str, Any]):
         self.names, self.limits = sorted(models), limits
         self.handles = {n: serve.get_deployment_handle(MODEL_DEPLOYMENT, model_app_name(n)) for n in models}
+        self.controllers: dict[str, Any] = {}  # each model's controller (feedback), looked up on first use
         self.info: dict[str, dict] = {}  # each model's info(), refreshed when its version changes
         self.bodies = BodyReader(limits["max_body_bytes"], limits["body_timeout_s"], limits["max_bodies_in_flight"])
 
@@ -102,9 +104,25 @@ class Server:
             raise ApiError(503, f"model {name} is at capacity (max_queued_requests reached); retry shortly") from None
         if "error" in answer:
             raise ApiError(answer["status"], answer["error"])
-        return {"model": answer["model"], "model_version": answer["model_version"],
+        return {"model": answer["model"], "model_version": answer["model_version"], "request_id": answer["request_id"],
                 "predictions": [{"label": label, "probabilities": dict(zip(answer["classes"], probs))}
                                 for label, probs in zip(answer["labels"], answer["probabilities"])]}
+
+    @api.post("/v1/models/{name}:feedback")
+    async def feedback(self, name: str, request: Request) -> dict[str, Any]:
+        """True labels for answered requests, by the answers' request_id: live accuracy per version."""
+        info = await self._info(name)
+        if not info.get("monitoring"):
+            raise ApiError(404, f"model {name} is served without monitoring (monitoring.enabled false or rollout "
+                                "null): feedback is not collected")
+        items = feedback_items(parse_json(await self.bodies.read(request)), name, info["labels"])
+        if name not in self.controllers:
+            self.controllers[name] = serve.get_deployment_handle("RolloutController", model_app_name(name))
+        try:
+            outcome = await asyncio.wait_for(self.controllers[name].feedback.remote(items), 10)
+        except TimeoutError:
+            raise ApiError(503, f"model {name}: its controller did not take the feedback; retry shortly") from None
+        return {"model": name, "accepted": len(items)} | outcome
 
     # --- /v2 server level ----------------------------------------------------------------------
     @api.get("/v2")

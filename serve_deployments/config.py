@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from monitoring.config import MonitoringPolicy
 from rayfoundry.errors import ConfigError, describe_validation_error
 from serve_deployments.rollout import RolloutPolicy
 
@@ -92,6 +93,9 @@ class ModelArgs(Section):
                                           "the callers: shadow, canary steps and guards (`python -m ray_apps "
                                           "rollout`). null: no rollout controller; the deployed version is served "
                                           "until the application is redeployed.")
+    monitoring: MonitoringPolicy = Field(default_factory=MonitoringPolicy, description="Drift against the package's "
+                                         "reference profile, live accuracy from feedback labels, and the retraining "
+                                         "loop (docs/monitoring.md). Kept by the controller: off with rollout null.")
 
 
 class ServerArgs(Section):

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from model_registry.predictor import softmax
+from monitoring.profile import batch_stats
+from monitoring.window import Observer
 from serve_deployments.batching import Batcher, Pending, Refused
 from serve_deployments.instances import InstanceError
 from serve_deployments.protocol import ApiError
@@ -24,11 +27,6 @@ from serve_deployments.rollout import VersionReport
 logger = logging.getLogger("ray.serve")
 CALIBRATION_SIZES = (1, 4, 16)  # batch sizes timed at start-up, so the SLO fit has a line from the first request
 REPORT_SAMPLES = 2000  # latencies and confidences sent per report at most (a uniform sample beyond)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 class Tally:
@@ -73,7 +71,7 @@ def _reservoir(kept: list[float], new: list[float], seen: int) -> int:
 
 class Lane:
     def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int, limits: dict[str, Any],
-                 metrics: Any, batching: dict[str, Any] | None):
+                 metrics: Any, batching: dict[str, Any] | None, monitor_sample: int | None = None):
         from model_registry.predictor import Predictor
         from model_registry.registry import Registry
 
@@ -88,6 +86,11 @@ class Lane:
         self.stats = {"inference_count": 0, "execution_count": 0, "engine_calls": 0, "failed_count": 0,
                       "encode_seconds": 0.0, "engine_seconds": 0.0}
         self.tally = Tally()
+        # Monitoring: each batch's outputs and inputs counted in the package's reference bins (monitoring/).
+        self.observer = Observer(meta.monitoring, monitor_sample) if monitor_sample and meta.monitoring else None
+        tokenizer = self.predictor.tokenizer
+        self.unk_id = tokenizer.unk_token_id if tokenizer is not None else None
+        self.observe_failed = False
         self.fit_exported = 0.0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"engine-v{self.version}")  # one call at a time
         self.batcher = Batcher(self._engine, max_batch_size=32, max_queued_instances=limits["max_queued_instances"])
@@ -213,12 +216,27 @@ class Lane:
         self.stats["execution_count"] += 1
         self.stats["inference_count"] += len(flat)
         self.metrics.batch_size.observe(len(flat), tags=self.tags)
+        if self.observer is not None:
+            self._observe(feeds, probs)
         out: list[np.ndarray | InstanceError] = []
         for part in np.split(probs, np.cumsum([len(p) for p in parts])[:-1]):
             bad = np.flatnonzero(~np.isfinite(part).all(axis=1))
             out.append(InstanceError(f"instances[{bad[0]}]: the model's output is not finite for this input "
                                      "(values far outside the training data?)") if len(bad) else part)
         return out
+
+    def _observe(self, feeds: dict[str, np.ndarray], probs: np.ndarray) -> None:
+        """Count the batch's finite rows for monitoring; a failure here is logged once and never fails a request."""
+        try:
+            ok = np.isfinite(probs).all(axis=1)
+            if not ok.all():
+                feeds, probs = {k: v[ok] for k, v in feeds.items()}, probs[ok]
+            self.observer.observe(batch_stats(feeds, probs, self.unk_id))
+        except Exception:  # noqa: BLE001 - monitoring is advisory; the answers stand
+            if not self.observe_failed:
+                self.observe_failed = True
+                logger.exception("%s:%s: monitoring could not count a batch (answers are unaffected)", self.name,
+                                 self.version)
 
     def _answer(self, probs: np.ndarray) -> dict[str, Any]:
         top = probs.argmax(axis=1)

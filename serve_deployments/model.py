@@ -25,12 +25,15 @@ import asyncio
 import logging
 import random
 import time
+import uuid
+from collections import deque
 from typing import Any
 
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from monitoring.monitor import Answered
 from serve_deployments.controller import RolloutController, read_service
 from serve_deployments.http import BodyReader, error_response, json_response, v2_instances
 from serve_deployments.instances import InstanceError, InstanceSpec
@@ -77,8 +80,9 @@ class Metrics:
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
 class ModelServer:
     def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int,
-                 limits: dict[str, Any], controller: Any = None):
+                 limits: dict[str, Any], controller: Any = None, monitoring: dict[str, Any] | None = None):
         from model_registry.registry import Registry
+        from monitoring.config import MonitoringPolicy
         from rayfoundry.ray_env import quiet_process
 
         quiet_process()  # this replica's own actor process: its entry point, nothing else shares it
@@ -86,6 +90,10 @@ class ModelServer:
         self.limits, self.batching = limits, {}  # batching: set by reconfigure (user_config) before any request
         name, built = ref.split(":")
         self.name, self.controller = name, controller
+        # Monitoring reports to the controller: without one (rollout: null) there is none.
+        policy = MonitoringPolicy.model_validate(monitoring or {}) if controller is not None else None
+        self.monitoring = policy if policy is not None and policy.enabled else None
+        self.answered: deque[Answered] = deque(maxlen=self.monitoring.feedback.max_pending if self.monitoring else 1)
         self.metrics = Metrics(name)
         # What the service serves now (a rollout or a promotion may have moved on from the deployed version).
         service = read_service(Registry(registry), name, built) if controller is not None else None
@@ -105,7 +113,7 @@ class ModelServer:
 
     def _load(self, version: str) -> Lane:
         return Lane(self.registry, f"{self.name}:{version}", self.engine, self.device, self.threads, self.limits,
-                    self.metrics, self.batching or None)
+                    self.metrics, self.batching or None, self.monitoring.window.sample if self.monitoring else None)
 
     @property
     def champion(self) -> Lane:
@@ -132,7 +140,7 @@ class ModelServer:
         return self.champion.statistics() | self.batching | {"shadow": dict(self.shadow)}
 
     def info(self) -> dict[str, Any]:
-        return self.champion.info()
+        return self.champion.info() | {"monitoring": self.monitoring is not None}
 
     # --- rollouts: report counts, follow the plan ------------------------------------------------
     def _start_reporting(self) -> None:
@@ -145,8 +153,12 @@ class ModelServer:
                 report = ReplicaReport(replica=self.replica, generation=self.plan.generation,
                                        versions={v: lane.tally.take() for v, lane in self.lanes.items()},
                                        shadow_compared=self.shadow["compared"], shadow_disagreed=self.shadow["disagreed"],
-                                       shadow_dropped=self.shadow["dropped"], load_error=self.load_error)
+                                       shadow_dropped=self.shadow["dropped"], load_error=self.load_error,
+                                       monitor={v: c for v, lane in self.lanes.items() if lane.observer is not None
+                                                and (c := lane.observer.take()) is not None},
+                                       answered=list(self.answered))
                 self.shadow = {"compared": 0, "disagreed": 0, "dropped": 0}
+                self.answered.clear()  # a failed report loses these answers' feedback join, never a request
                 plan = await asyncio.wait_for(self.controller.report.remote(report), 30)
                 await self._apply(plan)
             except asyncio.CancelledError:
@@ -249,6 +261,10 @@ class ModelServer:
             answer = await lane.answer(rows, self.limits["request_timeout_s"], tally=version is None,
                                        sample=lane is not self.champion or random.random() < self._champion_sampling())
             status = 200
+            answer["request_id"] = uuid.uuid4().hex  # feedback labels name it (POST /v1/models/NAME:feedback)
+            if self.monitoring is not None:
+                self.answered.append(Answered(request_id=answer["request_id"], version=lane.version,
+                                              labels=answer["labels"]))
             if mirror is not None:
                 self._mirror(mirror, rows, answer)
             return answer
@@ -278,6 +294,8 @@ class ModelServer:
         parts = path.split("/") if path else []
         if parts[:1] == ["rollout"] and len(parts) <= 2:
             return await self._rollout(request, parts[1] if len(parts) == 2 else "")
+        if parts == ["monitor"]:
+            return await self._monitor(request)
         version = None
         if parts[:1] == ["versions"] and len(parts) >= 2:
             version, parts = parts[1], parts[2:]
@@ -285,7 +303,7 @@ class ModelServer:
         allowed = {"": "GET", "ready": "GET", "stats": "GET", "infer": "POST"}.get(leaf) if leaf is not None else None
         if allowed is None or (leaf == "stats" and version is not None):
             raise ApiError(404, f"no route {request.scope['path']!r} for model {self.name} (routes: infer, ready, "
-                                "stats, rollout, rollout/report, versions/VERSION[/infer|/ready])")
+                                "stats, monitor, rollout, rollout/report, versions/VERSION[/infer|/ready])")
         if request.method != allowed:
             raise ApiError(405, f"{request.method} {request.scope['path']}: use {allowed}")
         self._version(version)
@@ -310,6 +328,17 @@ class ModelServer:
             return json_response(await asyncio.wait_for(call.remote(), 30))
         except TimeoutError:
             raise ApiError(503, f"model {self.name}: the rollout controller did not answer; retry shortly") from None
+
+    async def _monitor(self, request: Request) -> Response:
+        """GET monitor: each version's drift signals against its reference, live accuracy and volume."""
+        if request.method != "GET":
+            raise ApiError(405, f"{request.method} {request.scope['path']}: use GET")
+        if self.controller is None:
+            raise ApiError(404, f"model {self.name} is served without a controller (rollout: null): no monitoring")
+        try:
+            return json_response(await asyncio.wait_for(self.controller.monitor_status.remote(), 30))
+        except TimeoutError:
+            raise ApiError(503, f"model {self.name}: the controller did not answer; retry shortly") from None
 
     def _version(self, version: str | None) -> None:
         if version is not None and version not in self.lanes:
@@ -365,7 +394,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         options["num_replicas"] = scale.max_replicas
     else:
         options["autoscaling_config"] = scale.model_dump()
-    controller = (RolloutController.bind(cfg.registry, name, version, follow, cfg.rollout.model_dump())
-                  if cfg.rollout is not None else None)
+    controller = (RolloutController.bind(cfg.registry, name, version, follow, cfg.rollout.model_dump(),
+                                         cfg.monitoring.model_dump()) if cfg.rollout is not None else None)
     return ModelServer.options(**options).bind(cfg.registry, f"{name}:{version}", engine, cfg.device, threads,
-                                               cfg.limits.model_dump(), controller)
+                                               cfg.limits.model_dump(), controller, cfg.monitoring.model_dump())

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from monitoring.monitor import FeedbackLabel
 from rayfoundry.errors import describe_validation_error
 
 BINARY_HEADER = "inference-header-content-length"
@@ -67,6 +68,41 @@ def v1_instances(payload: Any) -> list[Any]:
         return PredictRequest.model_validate(payload).instances
     except ValidationError as e:
         raise ApiError(422, describe_validation_error(e)) from None
+
+
+MAX_FEEDBACK = 1000  # labels per feedback request
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: StrictStr = Field(pattern=r"^[0-9a-f]{32}$", description="The answer's request_id.")
+    label: StrictStr | StrictInt = Field(description="The true label: its name, or its index.")
+    instance: StrictInt = Field(0, ge=0, le=1_000_000, description="Which instance of the request (0: the first).")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    feedback: list[FeedbackItem] = Field(min_length=1, max_length=MAX_FEEDBACK)
+
+
+def feedback_items(payload: Any, model: str, labels: list[str]) -> list[FeedbackLabel]:
+    """`{"request_id", "label"[, "instance"]}` or `{"feedback": [...]}` as checked labels (index form); a bad
+    item is a 422 naming it."""
+    if isinstance(payload, dict) and "request_id" in payload:
+        payload = {"feedback": [payload]}
+    try:
+        items = FeedbackRequest.model_validate(payload).feedback
+    except ValidationError as e:
+        raise ApiError(422, describe_validation_error(e)) from None
+    index = {label: i for i, label in enumerate(labels)}
+    out = []
+    for i, item in enumerate(items):
+        label = index.get(item.label) if isinstance(item.label, str) else item.label
+        if label is None or not 0 <= label < len(labels):
+            raise ApiError(422, f"feedback[{i}].label: {item.label!r} is not a label of model {model} (labels: "
+                                f"{', '.join(labels[:20])}, or their index 0..{len(labels) - 1})")
+        out.append(FeedbackLabel(request_id=item.request_id, instance=item.instance, label=label))
+    return out
 
 
 class V2Tensor(BaseModel):
@@ -229,6 +265,8 @@ def v2_response(req: V2Request, answer: dict[str, Any]) -> tuple[bytes, dict[str
     doc = {"model_name": answer["model"], "model_version": answer["model_version"], "outputs": outputs}
     if req.id is not None:
         doc["id"] = req.id
+    if answer.get("request_id"):
+        doc["parameters"] = {"request_id": answer["request_id"]}  # feedback labels name it
     header = json.dumps(doc).encode()
     if not blobs:
         return header, {"content-type": "application/json"}

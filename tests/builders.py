@@ -45,12 +45,12 @@ def job_for(kind: str, tmp: Path) -> dict:
             "model": {"type": "text", "from_config": TINY_BERT}, "optim": {"lr": 2e-3, "batch_size": 16}}
 
 
-def make_checkpoint(directory: Path, raw_job: dict, epochs: int, seed: int = 0) -> Path:
+def make_checkpoint(directory: Path, raw_job: dict, epochs: int, seed: int = 0, labels: list[str] | None = None) -> Path:
     """Train in this process for a few epochs and write a checkpoint exactly as a Train worker does."""
     raw_job = raw_job | {"scaling": {"num_workers": 1}, "run": {"name": directory.name, "seed": 0}}
     job = parse_job(raw_job)
-    labels = ["0", "1"] if job.data.train_path.endswith("cancer") else \
-        [str(i) for i in range(10)] if job.model.type == "cnn" else ["neg", "pos"]
+    labels = labels or (["0", "1"] if job.data.train_path.endswith("cancer") else
+                        [str(i) for i in range(10)] if job.model.type == "cnn" else ["neg", "pos"])
     tokenizer = load_tokenizer(job.model) if job.model.type == "text" else None
     everything = parse_job(raw_job | {"data": raw_job["data"] | {"validation_path": raw_job["data"]["train_path"]}})
     rows = load_validation(everything, labels, tokenizer)  # every row, encoded: the training set here

@@ -17,8 +17,10 @@ import pytest
 from tests.conftest import REPO
 
 NO_RAY = ["trainers/models.py", "trainers/data.py", "trainers/sources.py", "trainers/loop.py", "trainers/summary.py",
-          "trainers/config.py", "rayfoundry/errors.py", "rayfoundry/storage.py", "model_registry/package.py"]
-LIBRARIES = ["rayfoundry", "model_registry", "trainers", "tuning", "serve_deployments"]
+          "trainers/config.py", "rayfoundry/errors.py", "rayfoundry/storage.py", "model_registry/package.py",
+          "monitoring/config.py", "monitoring/profile.py", "monitoring/window.py", "monitoring/signals.py",
+          "monitoring/monitor.py"]
+LIBRARIES = ["rayfoundry", "model_registry", "trainers", "tuning", "serve_deployments", "tracking", "monitoring"]
 # Entry points of processes rayfoundry owns may quiet them: the CLI, a Train worker, a Serve replica.
 MAY_QUIET = {"rayfoundry/ray_env.py", "trainers/worker.py", "serve_deployments/model.py",
              "serve_deployments/controller.py"}

@@ -1,0 +1,140 @@
+"""Window counts: what a replica saw of one version since its last report, in the reference's bins.
+
+Counts over fixed bins add up, so the controller merges every replica's reports into one window for
+the deployment. Softmax rows are kept as a bounded uniform sample (for the KS tests); merging keeps
+each replica's rows in proportion to the instances they stand for.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from monitoring.profile import BatchStats, ReferenceProfile
+
+
+class WindowCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: int = 0
+    classes: list[int]
+    confidence: list[int]
+    lengths: list[int] | None = None
+    unknown_rows: int | None = None
+    features: list[list[int]] | None = None
+    sample: list[list[float]] = []
+    sampled_from: int = 0  # instances the sample was drawn from
+
+    @classmethod
+    def empty(cls, profile: ReferenceProfile) -> WindowCounts:
+        return cls(classes=[0] * len(profile.class_shares), confidence=[0] * len(profile.confidence.shares),
+                   lengths=[0] * len(profile.text_length.shares) if profile.text_length else None,
+                   unknown_rows=0 if profile.unknown_share is not None else None,
+                   features=[[0] * len(b.shares) for b in profile.features] if profile.features else None)
+
+    def fits(self, profile: ReferenceProfile) -> bool:
+        """Same bins as `profile` (a report made against another profile is dropped, not mis-added)."""
+        other = WindowCounts.empty(profile)
+        return (len(self.classes), len(self.confidence), _shape(self.lengths), _shape(self.features)) == \
+            (len(other.classes), len(other.confidence), _shape(other.lengths), _shape(other.features))
+
+    def merge(self, other: WindowCounts, cap: int, rng: np.random.Generator) -> WindowCounts:
+        """The two windows as one; at most `cap` sample rows, each side's rows weighted by what they stand for."""
+        add = lambda a, b: None if a is None else [x + y for x, y in zip(a, b)]  # noqa: E731
+        rows = self.sample + other.sample
+        if len(rows) > cap:
+            weights = np.concatenate([np.full(len(s.sample), s.sampled_from / max(1, len(s.sample)))
+                                      for s in (self, other)])
+            keep = np.sort(rng.choice(len(rows), size=cap, replace=False, p=weights / weights.sum()))
+            rows = [rows[i] for i in keep]
+        return WindowCounts(
+            instances=self.instances + other.instances, classes=add(self.classes, other.classes),
+            confidence=add(self.confidence, other.confidence), lengths=add(self.lengths, other.lengths),
+            unknown_rows=None if self.unknown_rows is None else self.unknown_rows + (other.unknown_rows or 0),
+            features=None if self.features is None else [add(a, b) for a, b in zip(self.features, other.features)],
+            sample=rows, sampled_from=self.sampled_from + other.sampled_from)
+
+
+def _shape(x: list | None) -> tuple:
+    if x is None:
+        return ()
+    return (len(x),) + ((tuple(len(r) for r in x)) if x and isinstance(x[0], list) else ())
+
+
+class Observer:
+    """A replica's counts for one version since its last report. `observe` runs on the engine thread,
+    `take` on the event loop: a lock keeps them apart (each holds it for microseconds)."""
+
+    def __init__(self, profile: ReferenceProfile, sample: int, seed: int | None = None):
+        self.profile, self.cap = profile, sample
+        self.rng = np.random.default_rng(seed)
+        self.conf_edges = np.asarray(profile.confidence.edges)
+        self.len_edges = np.asarray(profile.text_length.edges) if profile.text_length else None
+        self.feat_edges = [np.asarray(b.edges) for b in profile.features] if profile.features else None
+        self.lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        p = self.profile
+        self.instances = 0
+        self.classes = np.zeros(len(p.class_shares), dtype=np.int64)
+        self.confidence = np.zeros(len(p.confidence.shares), dtype=np.int64)
+        self.lengths = np.zeros(len(p.text_length.shares), dtype=np.int64) if p.text_length else None
+        self.unknown = 0
+        self.features = [np.zeros(len(b.shares), dtype=np.int64) for b in p.features] if p.features else None
+        self.sample = np.empty((0, len(p.class_shares)))
+        self.sampled_from = 0
+
+    def observe(self, stats: BatchStats) -> None:
+        probs = stats.probs
+        if probs.shape[1] != len(self.classes) or not len(probs):
+            return
+        k = len(self.classes)
+        classes = np.bincount(probs.argmax(axis=1), minlength=k)
+        conf = np.bincount(np.searchsorted(self.conf_edges, probs.max(axis=1), side="right"),
+                           minlength=len(self.confidence))
+        lengths = feats = None
+        if self.lengths is not None and stats.lengths is not None:
+            lengths = np.bincount(np.searchsorted(self.len_edges, stats.lengths, side="right"),
+                                  minlength=len(self.lengths))
+        if self.features is not None and stats.features is not None and stats.features.shape[1] == len(self.features):
+            feats = [np.bincount(np.searchsorted(e, stats.features[:, j], side="right"), minlength=len(c))
+                     for j, (e, c) in enumerate(zip(self.feat_edges, self.features))]
+        with self.lock:
+            self.instances += len(probs)
+            self.classes += classes
+            self.confidence += conf
+            if lengths is not None:
+                self.lengths += lengths
+                self.unknown += int(stats.unknown.sum())
+            if feats is not None:
+                for c, f in zip(self.features, feats):
+                    c += f
+            self._sample(probs)
+
+    def _sample(self, probs: np.ndarray) -> None:
+        """Reservoir sampling (Vitter's R), vectorized over the batch."""
+        room = self.cap - len(self.sample)
+        if room > 0:
+            self.sample = np.concatenate([self.sample, probs[:room]])
+        rest = probs[max(0, room):]
+        if len(rest):
+            seen = self.sampled_from + max(0, room) + np.arange(1, len(rest) + 1)
+            slot = (self.rng.random(len(rest)) * seen).astype(np.int64)
+            hit = slot < self.cap
+            self.sample[slot[hit]] = rest[hit]  # later rows of the batch win ties, as in the sequential form
+        self.sampled_from += len(probs)
+
+    def take(self) -> WindowCounts | None:
+        with self.lock:
+            if not self.instances:
+                return None
+            out = WindowCounts(
+                instances=self.instances, classes=self.classes.tolist(), confidence=self.confidence.tolist(),
+                lengths=self.lengths.tolist() if self.lengths is not None else None,
+                unknown_rows=self.unknown if self.lengths is not None else None,
+                features=[f.tolist() for f in self.features] if self.features is not None else None,
+                sample=np.round(self.sample, 5).tolist(), sampled_from=self.sampled_from)
+            self._reset()
+        return out
