@@ -228,13 +228,15 @@ class Monitor:
         predicted = self.index.get(p.labels[item.instance])
         if v is None or predicted is None:
             return []
+        v.labels_total += 1
+        v.correct_total += predicted == item.label
+        if v.profile is None:  # no reference accuracy to test against: counted only
+            return []
         now = self.clock()
         v.live = v.live or _Live(opened=now)
         v.live.truth.append(item.label)
         v.live.predicted.append(predicted)
-        v.labels_total += 1
-        v.correct_total += predicted == item.label
-        if len(v.live.truth) < self.policy.feedback.window or v.profile is None:
+        if len(v.live.truth) < self.policy.feedback.window:
             return []
         return [self._close_live(p.version, v, now)]
 

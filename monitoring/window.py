@@ -43,11 +43,11 @@ class WindowCounts(BaseModel):
         """The two windows as one; at most `cap` sample rows, each side's rows weighted by what they stand for."""
         add = lambda a, b: None if a is None else [x + y for x, y in zip(a, b)]  # noqa: E731
         rows = self.sample + other.sample
-        if len(rows) > cap:
-            weights = np.concatenate([np.full(len(s.sample), s.sampled_from / max(1, len(s.sample)))
-                                      for s in (self, other)])
-            keep = np.sort(rng.choice(len(rows), size=cap, replace=False, p=weights / weights.sum()))
-            rows = [rows[i] for i in keep]
+        if len(rows) > cap:  # how many of a uniform sample of both windows' instances fall on this side
+            mine = int(rng.hypergeometric(self.sampled_from, other.sampled_from, cap))
+            mine = min(len(self.sample), max(cap - len(other.sample), mine))
+            pick = lambda s, k: [s.sample[i] for i in np.sort(rng.choice(len(s.sample), size=k, replace=False))]  # noqa: E731
+            rows = pick(self, mine) + pick(other, cap - mine)
         return WindowCounts(
             instances=self.instances + other.instances, classes=add(self.classes, other.classes),
             confidence=add(self.confidence, other.confidence), lengths=add(self.lengths, other.lengths),
