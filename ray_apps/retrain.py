@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="the served model's name")
     p.add_argument("--from-version", required=True, metavar="V", help="the version whose training config is reused")
     add_registry(p)
-    p.add_argument("--job", metavar="FILE", help="training job YAML (default: the package's training config)")
+    p.add_argument("--job", dest="job_file", metavar="FILE", help="training job YAML (default: the package's training config)")
     p.add_argument("--train-path", metavar="PATH", help="new training data: a path or glob (newest match)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field (repeatable)")
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     overrides += [f"run.name={name}_retrain_{stamp}", f"run.storage_path={args.storage}"]
     try:
-        if args.job:
-            job = load_job(args.job, overrides)
+        if args.job_file:
+            job = load_job(args.job_file, overrides)
         else:
             config = dict(registry.metadata(name, version).training.config)
             job = parse_job(apply_overrides(config, overrides), f"{base} metadata.json training.config")

@@ -72,7 +72,12 @@ def controller(name: str) -> Any:
     if model_app_name(name) not in apps:
         served = sorted(a.removeprefix("model-") for a in apps if a.startswith("model-"))
         raise ConfigError(f"{name}: no service for this model on the cluster (served: {', '.join(served) or 'none'})")
-    return serve.get_deployment_handle("RolloutController", model_app_name(name))
+    handle = serve.get_deployment_handle("RolloutController", model_app_name(name))
+    # A driver whose environment has RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (a process started by the service,
+    # or a job on a cluster started with it) would get a handle usable only inside an event loop; the CLI
+    # calls it from plain code.
+    handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 def _guard_line(g: dict[str, Any]) -> str:

@@ -192,3 +192,38 @@ def test_monitor_cli_prints_each_signal_against_its_threshold(sst2_service, caps
     assert code in (0, 1)  # 1: the latest window alarmed (the earlier tests end on shifts)
     assert "version 1:" in out and "reference:" in out and "live accuracy:" in out and "(alarms at >=" in out
     assert (tmp_path / "m.json").is_file()
+
+
+def test_a_real_prometheus_scraping_ray_fires_the_drift_alert_from_the_shipped_rules(sst2_service, tmp_path):
+    """Prometheus (Debian's package) runs the shipped prometheus-local.yaml and alerts.yaml against this Ray's
+    metrics endpoints; clean traffic leaves RayfoundryModelDrift silent, news sentences make it fire."""
+    import ray
+
+    from tests.prometheus_tools import PrometheusServer, local_config, prometheus_tools
+
+    tools = prometheus_tools()
+    url, _, held_out = sst2_service
+    session = Path(ray._private.worker._global_node.get_session_dir_path())  # this test session's Ray
+    config = local_config(tmp_path, sd_file=session / "prom_metrics_service_discovery.json", interval="1s")
+
+    def drift_firing(prom) -> list[dict]:
+        return [a for a in prom.alerts() if a["labels"]["alertname"] == "RayfoundryModelDrift"
+                and a["labels"].get("model") == "sst2" and a["state"] == "firing"]
+
+    def wait(predicate, what: str, timeout_s: float = 90):
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"{what} within {timeout_s}s"
+            time.sleep(1)
+
+    with PrometheusServer(config, tmp_path / "tsdb", tools.prometheus) as prom:
+        replay(url, [t for t, _ in held_out[-3 * WINDOW:]], paced=True)  # clean windows: every alarm gauge 0
+        clean = 'max(ray_rayfoundry_monitor_alarm{model="sst2", signal="text_length"})'
+        wait(lambda: [float(s["value"][1]) for s in prom.query(clean)] == [0.0], "the clean window's gauges scraped")
+        assert not drift_firing(prom)
+
+        replay(url, agnews_texts()[WINDOW:2 * WINDOW])
+        wait(lambda: drift_firing(prom), "RayfoundryModelDrift firing")
+        alert = drift_firing(prom)[0]
+        assert alert["labels"]["version"] == "1" and alert["labels"]["severity"] == "warning"
+        assert "sst2" in alert["annotations"]["summary"]

@@ -84,6 +84,21 @@ def _validate_kuberay_manifest(path: Path) -> None:
 def _validate_prometheus_config(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     assert raw["scrape_configs"] and all(c["job_name"] for c in raw["scrape_configs"])
+    for rules in raw.get("rule_files", []):  # Prometheus resolves them against the config's folder
+        assert (path.parent / rules).is_file(), f"{path.name}: rule file {rules} not beside it"
+
+
+def _validate_alert_rules(path: Path) -> None:
+    """promtool checks the rules (test_alert_rules.py); here, what every alert carries for whoever it pages."""
+    for group in yaml.safe_load(path.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
+            assert rule["annotations"].keys() >= {"summary", "description", "runbook"}, rule["alert"]
+
+
+def _validate_alert_rule_tests(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())  # promtool runs them in test_alert_rules.py
+    assert [(path.parent / f).resolve() for f in raw["rule_files"]] == [REPO / "cluster_configs/monitoring/alerts.yaml"]
 
 
 VALIDATORS = {  # the first matching prefix wins
@@ -92,7 +107,9 @@ VALIDATORS = {  # the first matching prefix wins
     "cluster_configs/onprem.yaml": _validate_launcher_config,
     "cluster_configs/cluster.yaml": _validate_cluster_spec,
     "cluster_configs/kuberay/": _validate_kuberay_manifest,
-    "cluster_configs/monitoring/prometheus.yaml": _validate_prometheus_config,
+    "cluster_configs/monitoring/prometheus": _validate_prometheus_config,
+    "cluster_configs/monitoring/alerts.yaml": _validate_alert_rules,
+    "tests/unit/alert_rules_test.yaml": _validate_alert_rule_tests,
     "ray_apps/configs/tune_": _validate_tune_job,
     "ray_apps/configs/": _validate_train_job,
     "cluster_configs/runtime_env.yaml": _validate_runtime_env,
