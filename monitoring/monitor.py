@@ -261,6 +261,19 @@ class Monitor:
         if version in self.versions:
             self.versions[version].streak = {"drift": 0, "feedback": 0}
 
+    def retire(self, served: set[str]) -> list[str]:
+        """Forget versions the service no longer serves; returns them (their gauges are cleared)."""
+        gone = [v for v in self.versions if v not in served]
+        for version in gone:
+            del self.versions[version]
+        return gone
+
+    def live_accuracy(self, version: str) -> dict:
+        v = self.versions.get(version)
+        if v is None or not v.labels_total:
+            return {"labels": 0, "accuracy": None}
+        return {"labels": v.labels_total, "accuracy": v.correct_total / v.labels_total}
+
     def status(self) -> dict:
         """JSON-ready: per version its reference, volume, last windows and live accuracy; feedback counts."""
         versions = {}

@@ -126,7 +126,14 @@ def print_report(r: dict[str, Any]) -> None:
     sh = r["shadow"]
     if "disagreement" in sh:
         print(f"disagreement in shadow: {ci(sh['disagreement'], 100, '.2f')} % of {sh['compared']} instances")
-    print(f"accuracy: {r['accuracy']}")
+    accuracy = r["accuracy"]
+    if isinstance(accuracy, str):
+        print(f"accuracy: {accuracy}")
+        return
+    for version, live in sorted(accuracy.items()):
+        value = "no feedback labels yet" if live["accuracy"] is None else \
+            f"{live['accuracy']:.4f} on {live['labels']} feedback labels"
+        print(f"live accuracy of version {version}: {value}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -227,6 +227,16 @@ class RolloutController:
                 self.feedback_counter.inc(n - self.feedback_exported[outcome], tags={"outcome": outcome})
                 self.feedback_exported[outcome] = n
 
+    def _retire_versions(self) -> None:
+        """A version no longer served leaves the monitor; its alarm gauges go to 0, so no alert keeps firing
+        for a model nobody is served by."""
+        from monitoring.config import SIGNALS
+
+        served = {self.service.champion} | ({self.rollout.state.candidate} if self.rollout else set())
+        for version in self.monitor.retire(served):
+            for signal in SIGNALS:
+                self.alarm_gauge.set(0.0, tags={"version": version, "signal": signal})
+
     async def _retrain_if_due(self) -> None:
         """An alarm of the champion that persisted `after_windows` windows: train on the newest data, export,
         shadow (monitoring/retrain.py). Not during a rollout, and not again within the cooldown."""
@@ -323,7 +333,8 @@ class RolloutController:
             shadow["disagreement"] = {"value": shadow["disagreed"] / shadow["compared"], "low": ci.low, "high": ci.high}
         return {"model": self.name, "champion": r.state.champion, "candidate": r.state.candidate,
                 "phase": r.state.phase, "versions": out, "shadow": shadow,
-                "accuracy": "needs feedback labels (not collected by this service)"}
+                "accuracy": {v: self.monitor.live_accuracy(v) for v in out} if self.monitor is not None else
+                "needs feedback labels (monitoring is off for this service)"}
 
     # --- the loop ----------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -346,6 +357,7 @@ class RolloutController:
                         self._changed()
                 if self.monitor is not None:
                     self._export_windows(self.monitor.tick())
+                    self._retire_versions()
                     await self._retrain_if_due()
                 self._export()
             except Exception:  # noqa: BLE001 - a registry hiccup must not stop the controller
