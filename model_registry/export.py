@@ -115,25 +115,35 @@ def package_files(ckpt: Path) -> list[Path]:
 
 
 class _Logits(torch.nn.Module):
-    """Positional inputs -> logits tensor, the signature the ONNX graph gets."""
+    """Positional inputs -> logits tensor, the signature the ONNX graph gets. Text models also output
+    `embedding`: the last hidden state's mean over the real tokens, for monitoring (computed anyway)."""
 
-    def __init__(self, model: torch.nn.Module, names: tuple[str, ...]):
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...], embedding: bool = False):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.embedding = model, names, embedding
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from trainers.loop import logits_of
 
-        return logits_of(self.model(**dict(zip(self.names, inputs))))
+        kwargs = dict(zip(self.names, inputs))
+        if not self.embedding:
+            return logits_of(self.model(**kwargs))
+        out = self.model(**kwargs, output_hidden_states=True)
+        last = out.hidden_states[-1]
+        mask = kwargs["attention_mask"].unsqueeze(-1).to(last.dtype)
+        return out.logits, (last * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def export_onnx(model: torch.nn.Module, kind: str, num_features: int | None, path: Path, opset: int, device: str) -> None:
     # The TorchScript exporter: ORT's attention and layer-norm fusions match its BERT graph (1.4x faster
     # ORT inference than the dynamo exporter's graph, measured here) and ORT's quantizer accepts it.
+    outputs = ["logits"]
     if kind == "text":
         names = ("input_ids", "attention_mask")
         example = (torch.ones(2, 16, dtype=torch.int64, device=device),) * 2
-        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                "embedding": {0: "batch"}}
+        outputs.append("embedding")
     else:
         names = ("features",)
         example = (torch.zeros(2, num_features, device=device),)
@@ -141,8 +151,9 @@ def export_onnx(model: torch.nn.Module, kind: str, num_features: int | None, pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; parity is checked below
         # eval(): the exporter restores the wrapper's mode afterwards, recursively; a new module is in train mode
-        torch.onnx.export(_Logits(model, names).eval(), example, str(path), input_names=list(names), output_names=["logits"],
-                          dynamic_axes=axes | {"logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+        torch.onnx.export(_Logits(model, names, embedding=kind == "text").eval(), example, str(path),
+                          input_names=list(names), output_names=outputs, dynamic_axes=axes | {"logits": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
 
 
 def check_parity(reference: Predictor, onnx: Predictor, validation: ValidationSet, rows: int) -> dict[str, Any]:

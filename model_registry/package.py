@@ -3,13 +3,15 @@
 Layout (format 2):
   model.safetensors, config.json    the torch model (text: a transformers directory)
   model.onnx                        fp32 graph, dynamic batch (and sequence) axes, output `logits`
+                                    (text also `embedding`, the pooled last hidden state, for monitoring)
   model.int8.onnx                   optional; onnxruntime dynamic int8 quantization
   tokenizer files                   text models
   label_map.json                    labels in id order, the input columns they came from
   README.md                         the model card, for people
   metadata.json                     `PackageMetadata`: the model card for programs (task, inputs, sample
                                     inputs, source run, training config and data, validation metrics,
-                                    parity, sha256 and size of every file)
+                                    parity, the reference profile monitoring compares traffic with,
+                                    sha256 and size of every file)
   metadata.json.sha256              sha256 of metadata.json itself
 
 A package holds exactly the files its metadata lists, each a regular file with a plain name: loading

@@ -84,6 +84,8 @@ class Predictor:
         else:
             self.session = onnx_session(package.path / ENGINE_FILES[engine], self.device, intra_op_threads, spinning)
             self.input_names = [i.name for i in self.session.get_inputs()]
+        # Text packages exported with monitoring also output the pooled embedding (ONNX engines only).
+        self.has_embedding = engine != "torch" and "embedding" in {o.name for o in self.session.get_outputs()}
 
     @property
     def pad_id(self) -> int:
@@ -110,6 +112,13 @@ class Predictor:
                           if k != "labels"}
                 return logits_of(self.model(**inputs)).float().cpu().numpy()
         return self.session.run(["logits"], {n: feeds[n] for n in self.input_names})[0]
+
+    def logits_and_embedding(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits, and the pooled embedding [B, D] when the graph has one (else None), from one engine call."""
+        if not self.has_embedding:
+            return self.logits(feeds), None
+        logits, embedding = self.session.run(["logits", "embedding"], {n: feeds[n] for n in self.input_names})
+        return logits, embedding
 
 
 def score(predictor: Predictor, validation, batch_size: int = 64) -> dict[str, float]:

@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SIGNALS = ("class_shares", "confidence", "softmax", "text_length", "unknown_tokens", "features", "live_accuracy")
-Signal = Literal["class_shares", "confidence", "softmax", "text_length", "unknown_tokens", "features", "live_accuracy"]
+SIGNALS = ("class_shares", "confidence", "softmax", "embedding", "text_length", "unknown_tokens", "features",
+           "live_accuracy")
+Signal = Literal["class_shares", "confidence", "softmax", "embedding", "text_length", "unknown_tokens", "features",
+                 "live_accuracy"]
 
 
 class Section(BaseModel):
@@ -39,7 +41,7 @@ class Thresholds(Section):
     min_psi: float = Field(0.1, ge=0, description="Smallest population stability index that alarms (class shares, "
                            "text length, features); 0.1 is the usual 'moderate shift'.")
     min_ks: float = Field(0.1, ge=0, le=1, description="Smallest Kolmogorov-Smirnov distance that alarms "
-                          "(confidence, softmax).")
+                          "(confidence, softmax, embedding).")
     min_unknown_increase: float = Field(0.05, ge=0, le=1, description="Smallest rise in the share of texts with an "
                                         "unknown token that alarms.")
     min_accuracy_drop: float = Field(0.05, ge=0, le=1, description="Smallest fall of live accuracy below the "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +51,18 @@ class Answered(Record):
     request_id: str
     version: str
     labels: list[str]
+
+
+class AnsweredBatch(Record):
+    """A replica's answered requests since its last report, column by column (cheap to build and send)."""
+
+    request_ids: list[str] = Field(default_factory=list)
+    versions: list[str] = Field(default_factory=list)
+    labels: list[list[str]] = Field(default_factory=list)
+
+    def items(self) -> Iterator[Answered]:
+        for request_id, version, labels in zip(self.request_ids, self.versions, self.labels):
+            yield Answered.model_construct(request_id=request_id, version=version, labels=labels)
 
 
 class FeedbackLabel(Record):
@@ -178,7 +190,7 @@ class Monitor:
         return out
 
     # --- feedback ----------------------------------------------------------------------------------
-    def answered(self, answers: list[Answered]) -> list[WindowResult]:
+    def answered(self, answers: Iterable[Answered]) -> list[WindowResult]:
         """Remember answered requests for their feedback (bounded: the oldest are forgotten first); match
         feedback that arrived before them."""
         now, out = self.clock(), []

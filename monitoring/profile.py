@@ -4,7 +4,8 @@ that both export and the serving replicas compute from a batch, with the same co
 A profile describes what the model did on its validation rows: the predicted-class shares, the
 top-class confidence, a fixed sample of softmax rows (for black-box shift detection), and its inputs:
 token length and the share of texts with an unknown token for text models, per-feature quantile bins
-for numeric inputs. Bins are quantiles of the reference, so each holds about a tenth of it.
+for numeric inputs, and for text the model's pooled embedding in its first principal components.
+Bins are quantiles of the reference, so each holds about a tenth of it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 BINS = 10  # quantile bins per distribution
 REFERENCE_SAMPLE = 500  # softmax rows kept in a profile
 PROFILE_SEED = 0
+EMBEDDING_COMPONENTS = 8  # principal components of the pooled embedding that are tested
 
 
 class Record(BaseModel):
@@ -33,6 +35,18 @@ class Bins(Record):
         return np.searchsorted(np.asarray(self.edges, dtype=np.float64), values, side="right")
 
 
+class Embedding(Record):
+    """The model's pooled embedding on the reference rows, in its first principal components: live embeddings
+    are projected the same way and compared component by component."""
+
+    mean: list[float] = Field(description="The reference embeddings' mean [D].")
+    components: list[list[float]] = Field(description="Principal axes [k, D], largest variance first.")
+    sample: list[list[float]] = Field(description=f"Up to {REFERENCE_SAMPLE} reference rows, projected [n, k].")
+
+    def project(self, embedding: np.ndarray) -> np.ndarray:
+        return (embedding - np.asarray(self.mean)) @ np.asarray(self.components).T
+
+
 class ReferenceProfile(Record):
     rows: int = Field(description="Validation rows profiled.")
     source: str = Field(description="Which rows (the package's validation source).")
@@ -45,6 +59,7 @@ class ReferenceProfile(Record):
     text_length: Bins | None = Field(None, description="Text: tokens per instance after truncation.")
     unknown_share: float | None = Field(None, description="Text: share of instances with an unknown token.")
     features: list[Bins] | None = Field(None, description="Numeric inputs: each feature's bins.")
+    embedding: Embedding | None = Field(None, description="Text: the pooled embedding's principal components.")
 
 
 @dataclass
@@ -56,15 +71,17 @@ class BatchStats:
     lengths: np.ndarray | None = None  # [n]
     unknown: np.ndarray | None = None  # [n] bool
     features: np.ndarray | None = None  # [n, F]
+    embedding: np.ndarray | None = None  # [n, D]
 
 
-def batch_stats(feeds: dict[str, np.ndarray], probs: np.ndarray, unk_id: int | None) -> BatchStats:
-    """From an engine call's inputs (`Predictor.encode`) and its softmax outputs."""
+def batch_stats(feeds: dict[str, np.ndarray], probs: np.ndarray, unk_id: int | None,
+                embedding: np.ndarray | None = None) -> BatchStats:
+    """From an engine call's inputs (`Predictor.encode`), its softmax outputs and (text) pooled embedding."""
     if "input_ids" in feeds:
         mask = feeds["attention_mask"].astype(bool)
         unknown = ((feeds["input_ids"] == unk_id) & mask).any(axis=1) if unk_id is not None else \
             np.zeros(len(probs), dtype=bool)
-        return BatchStats(probs, lengths=mask.sum(axis=1), unknown=unknown)
+        return BatchStats(probs, lengths=mask.sum(axis=1), unknown=unknown, embedding=embedding)
     return BatchStats(probs, features=feeds["features"])
 
 
@@ -74,6 +91,13 @@ def quantile_bins(values: np.ndarray, bins: int = BINS) -> Bins:
     out = Bins(edges=edges.tolist(), shares=[])
     counts = np.bincount(out.index(values), minlength=len(edges) + 1)
     return out.model_copy(update={"shares": (counts / max(1, len(values))).tolist()})
+
+
+def principal_components(embedding: np.ndarray, keep: np.ndarray, k: int = EMBEDDING_COMPONENTS) -> Embedding:
+    mean = embedding.mean(axis=0)
+    _, _, axes = np.linalg.svd(embedding - mean, full_matrices=False)
+    out = Embedding(mean=mean.tolist(), components=axes[:k].tolist(), sample=[])
+    return out.model_copy(update={"sample": np.round(out.project(embedding[keep]), 5).tolist()})
 
 
 def build_profile(stats: BatchStats, labels: np.ndarray, source: str, engine: str, metrics: dict[str, float]
@@ -92,6 +116,8 @@ def build_profile(stats: BatchStats, labels: np.ndarray, source: str, engine: st
         unknown_share=float(stats.unknown.mean()) if stats.unknown is not None else None,
         features=[quantile_bins(stats.features[:, j]) for j in range(stats.features.shape[1])]
         if stats.features is not None else None,
+        embedding=principal_components(stats.embedding.astype(np.float64), keep)
+        if stats.embedding is not None else None,
     )
 
 
@@ -104,10 +130,10 @@ def profile_predictor(predictor, validation, engine: str, metrics: dict[str, flo
     parts: list[BatchStats] = []
     for batch in validation.batches(batch_size, predictor.pad_id):
         feeds = {k: v for k, v in batch.items() if k != "labels"}
-        probs = softmax(predictor.logits(feeds).astype(np.float64))
-        parts.append(batch_stats(feeds, probs, unk_id))
+        logits, embedding = predictor.logits_and_embedding(feeds)
+        parts.append(batch_stats(feeds, softmax(logits.astype(np.float64)), unk_id, embedding))
     joined = BatchStats(np.concatenate([p.probs for p in parts]))
-    for field in ("lengths", "unknown", "features"):
+    for field in ("lengths", "unknown", "features", "embedding"):
         if getattr(parts[0], field) is not None:
             setattr(joined, field, np.concatenate([getattr(p, field) for p in parts]))
     return build_profile(joined, validation.label, validation.source, engine, metrics)

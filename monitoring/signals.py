@@ -3,7 +3,8 @@
 Each signal has a score (the size of the shift), a p-value (how surprising it is under no shift) and
 an alarm. Output signals follow black-box shift detection (Rabanser et al., 2019): the softmax
 outputs' per-class Kolmogorov-Smirnov tests, Bonferroni-corrected over the classes, and the
-chi-squared test of the predicted-class counts. Input signals compare token lengths, unknown tokens or
+chi-squared test of the predicted-class counts. For text, the model's pooled embedding is tested the
+same way in its first principal components. Input signals compare token lengths, unknown tokens or
 each numeric feature with the reference. A signal alarms when its p-value is below alpha divided by
 the number of signals tested (Bonferroni again, so a window of a healthy model alarms with
 probability at most alpha) and its score reaches the policy's minimum effect.
@@ -58,8 +59,10 @@ def drift_signals(profile: ReferenceProfile, window: WindowCounts, t: Thresholds
     raw: list[tuple[str, float, float, float, str]] = []  # signal, score, min_score, p, detail
     raw.append(("class_shares", psi(profile.class_shares, window.classes), t.min_psi,
                 chi2_p(profile.class_shares, window.classes), "PSI of predicted-class shares; chi-squared"))
+    k = len(profile.class_shares)
     ref = np.asarray(profile.softmax_sample, dtype=np.float64)
-    cur = np.asarray(window.sample, dtype=np.float64)
+    rows = np.asarray(window.sample, dtype=np.float64).reshape(len(window.sample), -1)
+    cur = rows[:, :k]
     if len(ref) and len(cur) >= 2:
         conf = stats.ks_2samp(ref.max(axis=1), cur.max(axis=1))
         raw.append(("confidence", float(conf.statistic), t.min_ks, float(conf.pvalue),
@@ -70,6 +73,17 @@ def drift_signals(profile: ReferenceProfile, window: WindowCounts, t: Thresholds
         raw.append(("softmax", float(worst.statistic), t.min_ks,
                     min(1.0, dims * min(float(r.pvalue) for r in tests)),
                     f"largest per-class KS over {dims} class(es), Bonferroni-corrected"))
+    if profile.embedding is not None and window.embedding_dims:
+        emb_ref = np.asarray(profile.embedding.sample, dtype=np.float64)
+        emb = rows[:, k:k + window.embedding_dims]
+        emb = emb[np.isfinite(emb).all(axis=1)]
+        if len(emb) >= 2 and emb.shape[1] == emb_ref.shape[1]:
+            tests = [stats.ks_2samp(emb_ref[:, j], emb[:, j]) for j in range(emb.shape[1])]
+            worst = max(tests, key=lambda r: r.statistic)
+            raw.append(("embedding", float(worst.statistic), t.min_ks,
+                        min(1.0, len(tests) * min(float(r.pvalue) for r in tests)),
+                        f"largest KS over the pooled embedding's {len(tests)} principal components, "
+                        "Bonferroni-corrected"))
     if profile.text_length is not None and window.lengths is not None:
         raw.append(("text_length", psi(profile.text_length.shares, window.lengths), t.min_psi,
                     chi2_p(profile.text_length.shares, window.lengths), "PSI of token length; chi-squared"))

@@ -23,8 +23,9 @@ class WindowCounts(BaseModel):
     lengths: list[int] | None = None
     unknown_rows: int | None = None
     features: list[list[int]] | None = None
-    sample: list[list[float]] = []
+    sample: list[list[float]] = []  # softmax rows, then embedding_dims projected embedding columns
     sampled_from: int = 0  # instances the sample was drawn from
+    embedding_dims: int = 0
 
     @classmethod
     def empty(cls, profile: ReferenceProfile) -> WindowCounts:
@@ -42,6 +43,11 @@ class WindowCounts(BaseModel):
     def merge(self, other: WindowCounts, cap: int, rng: np.random.Generator) -> WindowCounts:
         """The two windows as one; at most `cap` sample rows, each side's rows weighted by what they stand for."""
         add = lambda a, b: None if a is None else [x + y for x, y in zip(a, b)]  # noqa: E731
+        dims = self.embedding_dims if self.embedding_dims == other.embedding_dims else 0
+        if dims != self.embedding_dims or dims != other.embedding_dims:  # one side lacks embeddings: drop them
+            k = len(self.classes)
+            self, other = (w.model_copy(update={"sample": [r[:k] for r in w.sample], "embedding_dims": 0})
+                           for w in (self, other))
         rows = self.sample + other.sample
         if len(rows) > cap:  # how many of a uniform sample of both windows' instances fall on this side
             mine = int(rng.hypergeometric(self.sampled_from, other.sampled_from, cap))
@@ -53,7 +59,7 @@ class WindowCounts(BaseModel):
             confidence=add(self.confidence, other.confidence), lengths=add(self.lengths, other.lengths),
             unknown_rows=None if self.unknown_rows is None else self.unknown_rows + (other.unknown_rows or 0),
             features=None if self.features is None else [add(a, b) for a, b in zip(self.features, other.features)],
-            sample=rows, sampled_from=self.sampled_from + other.sampled_from)
+            sample=rows, sampled_from=self.sampled_from + other.sampled_from, embedding_dims=dims)
 
 
 def _shape(x: list | None) -> tuple:
@@ -66,12 +72,21 @@ class Observer:
     """A replica's counts for one version since its last report. `observe` runs on the engine thread,
     `take` on the event loop: a lock keeps them apart (each holds it for microseconds)."""
 
-    def __init__(self, profile: ReferenceProfile, sample: int, seed: int | None = None):
+    def __init__(self, profile: ReferenceProfile, sample: int, seed: int | None = None, embedding: bool = False):
+        """embedding: the lane's engine outputs the pooled embedding and the profile has its components."""
         self.profile, self.cap = profile, sample
+        self.embedding = profile.embedding if embedding else None
+        self.embedding_dims = len(self.embedding.components) if self.embedding else 0
         self.rng = np.random.default_rng(seed)
         self.conf_edges = np.asarray(profile.confidence.edges)
         self.len_edges = np.asarray(profile.text_length.edges) if profile.text_length else None
-        self.feat_edges = [np.asarray(b.edges) for b in profile.features] if profile.features else None
+        if profile.features:  # every feature's edges in one matrix, padded with +inf: one comparison per batch
+            widest = max(len(b.edges) for b in profile.features)
+            self.feat_edges = np.full((len(profile.features), widest), np.inf)
+            for j, b in enumerate(profile.features):
+                self.feat_edges[j, :len(b.edges)] = b.edges
+            self.feat_bins = widest + 1
+            self.feat_sizes = [len(b.shares) for b in profile.features]
         self.lock = threading.Lock()
         self._reset()
 
@@ -82,8 +97,8 @@ class Observer:
         self.confidence = np.zeros(len(p.confidence.shares), dtype=np.int64)
         self.lengths = np.zeros(len(p.text_length.shares), dtype=np.int64) if p.text_length else None
         self.unknown = 0
-        self.features = [np.zeros(len(b.shares), dtype=np.int64) for b in p.features] if p.features else None
-        self.sample = np.empty((0, len(p.class_shares)))
+        self.features = np.zeros((len(p.features), self.feat_bins), dtype=np.int64) if p.features else None
+        self.sample = np.empty((0, len(p.class_shares) + self.embedding_dims))
         self.sampled_from = 0
 
     def observe(self, stats: BatchStats) -> None:
@@ -99,8 +114,15 @@ class Observer:
             lengths = np.bincount(np.searchsorted(self.len_edges, stats.lengths, side="right"),
                                   minlength=len(self.lengths))
         if self.features is not None and stats.features is not None and stats.features.shape[1] == len(self.features):
-            feats = [np.bincount(np.searchsorted(e, stats.features[:, j], side="right"), minlength=len(c))
-                     for j, (e, c) in enumerate(zip(self.feat_edges, self.features))]
+            # bin of x = number of edges <= x (searchsorted side="right"), for every row and feature at once
+            bins = (stats.features[:, :, None] >= self.feat_edges[None]).sum(axis=2)
+            flat = bins + self.feat_bins * np.arange(len(self.features))
+            feats = np.bincount(flat.ravel(), minlength=self.features.size).reshape(self.features.shape)
+        rows = probs
+        if self.embedding is not None:
+            projected = self.embedding.project(stats.embedding) if stats.embedding is not None else \
+                np.full((len(probs), self.embedding_dims), np.nan)
+            rows = np.concatenate([probs, projected], axis=1)
         with self.lock:
             self.instances += len(probs)
             self.classes += classes
@@ -109,9 +131,8 @@ class Observer:
                 self.lengths += lengths
                 self.unknown += int(stats.unknown.sum())
             if feats is not None:
-                for c, f in zip(self.features, feats):
-                    c += f
-            self._sample(probs)
+                self.features += feats
+            self._sample(rows)
 
     def _sample(self, probs: np.ndarray) -> None:
         """Reservoir sampling (Vitter's R), vectorized over the batch."""
@@ -134,7 +155,9 @@ class Observer:
                 instances=self.instances, classes=self.classes.tolist(), confidence=self.confidence.tolist(),
                 lengths=self.lengths.tolist() if self.lengths is not None else None,
                 unknown_rows=self.unknown if self.lengths is not None else None,
-                features=[f.tolist() for f in self.features] if self.features is not None else None,
-                sample=np.round(self.sample, 5).tolist(), sampled_from=self.sampled_from)
+                features=[row[:n].tolist() for row, n in zip(self.features, self.feat_sizes)]
+                if self.features is not None else None,
+                sample=np.round(self.sample, 5).tolist(), sampled_from=self.sampled_from,
+                embedding_dims=self.embedding_dims)
             self._reset()
         return out

@@ -167,7 +167,7 @@ class RolloutController:
             self.warned.add((report.replica, report.generation))  # it keeps serving the version it has
             logger.warning("%s: replica %s could not load version %s: %s", self.name, report.replica,
                            self.service.champion, report.load_error)
-        if self.monitor is not None and (report.monitor or report.answered):
+        if self.monitor is not None and (report.monitor or report.answered.request_ids):
             await self._monitor_report(report)
         return self.plan()
 
@@ -182,9 +182,9 @@ class RolloutController:
             self.monitor.track(version, profile)
 
     async def _monitor_report(self, report: ReplicaReport) -> None:
-        await self._track(set(report.monitor) | {a.version for a in report.answered})
+        await self._track(set(report.monitor) | set(report.answered.versions))
         results = [r for version, counts in report.monitor.items() for r in self.monitor.add(version, counts)]
-        results += self.monitor.answered(report.answered)
+        results += self.monitor.answered(report.answered.items())
         self._export_windows(results)
 
     async def feedback(self, items: list[Any]) -> dict[str, Any]:

@@ -87,7 +87,10 @@ class Lane:
                       "encode_seconds": 0.0, "engine_seconds": 0.0}
         self.tally = Tally()
         # Monitoring: each batch's outputs and inputs counted in the package's reference bins (monitoring/).
-        self.observer = Observer(meta.monitoring, monitor_sample) if monitor_sample and meta.monitoring else None
+        self.embedding = bool(monitor_sample and meta.monitoring and meta.monitoring.embedding
+                              and self.predictor.has_embedding)  # fetched from the same engine call
+        self.observer = Observer(meta.monitoring, monitor_sample, embedding=self.embedding) \
+            if monitor_sample and meta.monitoring else None
         tokenizer = self.predictor.tokenizer
         self.unk_id = tokenizer.unk_token_id if tokenizer is not None else None
         self.observe_failed = False
@@ -206,8 +209,13 @@ class Lane:
         t0 = time.perf_counter()
         feeds = self.predictor.encode(flat)
         t1 = time.perf_counter()
+        embedding = None
         with np.errstate(all="ignore"):  # non-finite rows are reported per request below
-            probs = softmax(self.predictor.logits(feeds).astype(np.float64))
+            if self.embedding:
+                logits, embedding = self.predictor.logits_and_embedding(feeds)
+            else:
+                logits = self.predictor.logits(feeds)
+            probs = softmax(logits.astype(np.float64))
         t2 = time.perf_counter()
         self.batcher.observe(len(flat), t2 - t0)
         self.stats["encode_seconds"] += t1 - t0  # where a replica's time goes (benchmarks/serve_load.py)
@@ -217,7 +225,7 @@ class Lane:
         self.stats["inference_count"] += len(flat)
         self.metrics.batch_size.observe(len(flat), tags=self.tags)
         if self.observer is not None:
-            self._observe(feeds, probs)
+            self._observe(feeds, probs, embedding)
         out: list[np.ndarray | InstanceError] = []
         for part in np.split(probs, np.cumsum([len(p) for p in parts])[:-1]):
             bad = np.flatnonzero(~np.isfinite(part).all(axis=1))
@@ -225,13 +233,14 @@ class Lane:
                                      "(values far outside the training data?)") if len(bad) else part)
         return out
 
-    def _observe(self, feeds: dict[str, np.ndarray], probs: np.ndarray) -> None:
+    def _observe(self, feeds: dict[str, np.ndarray], probs: np.ndarray, embedding: np.ndarray | None) -> None:
         """Count the batch's finite rows for monitoring; a failure here is logged once and never fails a request."""
         try:
             ok = np.isfinite(probs).all(axis=1)
             if not ok.all():
                 feeds, probs = {k: v[ok] for k, v in feeds.items()}, probs[ok]
-            self.observer.observe(batch_stats(feeds, probs, self.unk_id))
+                embedding = embedding[ok] if embedding is not None else None
+            self.observer.observe(batch_stats(feeds, probs, self.unk_id, embedding))
         except Exception:  # noqa: BLE001 - monitoring is advisory; the answers stand
             if not self.observe_failed:
                 self.observe_failed = True

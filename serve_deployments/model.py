@@ -33,7 +33,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from monitoring.monitor import Answered
+from monitoring.monitor import AnsweredBatch
 from serve_deployments.controller import RolloutController, read_service
 from serve_deployments.http import BodyReader, error_response, json_response, v2_instances
 from serve_deployments.instances import InstanceError, InstanceSpec
@@ -93,7 +93,9 @@ class ModelServer:
         # Monitoring reports to the controller: without one (rollout: null) there is none.
         policy = MonitoringPolicy.model_validate(monitoring or {}) if controller is not None else None
         self.monitoring = policy if policy is not None and policy.enabled else None
-        self.answered: deque[Answered] = deque(maxlen=self.monitoring.feedback.max_pending if self.monitoring else 1)
+        # (request_id, version, labels) of each answer since the last report, for the feedback join
+        self.answered: deque[tuple[str, str, list[str]]] = deque(
+            maxlen=self.monitoring.feedback.max_pending if self.monitoring else 1)
         self.metrics = Metrics(name)
         # What the service serves now (a rollout or a promotion may have moved on from the deployed version).
         service = read_service(Registry(registry), name, built) if controller is not None else None
@@ -156,7 +158,7 @@ class ModelServer:
                                        shadow_dropped=self.shadow["dropped"], load_error=self.load_error,
                                        monitor={v: c for v, lane in self.lanes.items() if lane.observer is not None
                                                 and (c := lane.observer.take()) is not None},
-                                       answered=list(self.answered))
+                                       answered=self._answered())
                 self.shadow = {"compared": 0, "disagreed": 0, "dropped": 0}
                 self.answered.clear()  # a failed report loses these answers' feedback join, never a request
                 plan = await asyncio.wait_for(self.controller.report.remote(report), 30)
@@ -166,6 +168,12 @@ class ModelServer:
             except Exception as e:  # noqa: BLE001 - the controller restarting: serve on, report again
                 logger.warning("%s: rollout report failed (%s); retrying", self.name, e)
             await asyncio.sleep(REPORT_S)
+
+    def _answered(self) -> AnsweredBatch:
+        if not self.answered:
+            return AnsweredBatch()
+        ids, versions, labels = zip(*self.answered)
+        return AnsweredBatch.model_construct(request_ids=list(ids), versions=list(versions), labels=list(labels))
 
     async def _apply(self, plan: Plan) -> None:
         """Load what the plan serves (on a thread: requests go on meanwhile), then switch in one step.
@@ -263,8 +271,7 @@ class ModelServer:
             status = 200
             answer["request_id"] = uuid.uuid4().hex  # feedback labels name it (POST /v1/models/NAME:feedback)
             if self.monitoring is not None:
-                self.answered.append(Answered(request_id=answer["request_id"], version=lane.version,
-                                              labels=answer["labels"]))
+                self.answered.append((answer["request_id"], lane.version, answer["labels"]))
             if mirror is not None:
                 self._mirror(mirror, rows, answer)
             return answer

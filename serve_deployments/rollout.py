@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model_registry.registry import GuardResult, RolloutRecord, VersionTally
-from monitoring.monitor import Answered
+from monitoring.monitor import AnsweredBatch
 from monitoring.window import WindowCounts
 
 SAMPLES_KEPT = 20_000  # latencies and confidences kept per version (the newest)
@@ -173,7 +173,8 @@ class ReplicaReport(BaseModel):
     shadow_dropped: int = 0
     load_error: str | None = Field(None, description="The candidate failed to load on this replica: why.")
     monitor: dict[str, WindowCounts] = Field(default_factory=dict, description="Monitoring counts by version.")
-    answered: list[Answered] = Field(default_factory=list, description="Answered requests, for feedback labels.")
+    answered: AnsweredBatch = Field(default_factory=AnsweredBatch, description="Answered requests, for feedback "
+                                    "labels.")
 
 
 class Samples:

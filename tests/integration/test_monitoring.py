@@ -1,7 +1,8 @@
 """Monitoring a served SST-2 model: replayed traffic against the package's reference profile.
 
 A tiny BERT trained on the first 2,000 SST-2 training phrases is exported (its reference profile is
-taken on the first 2,000 rows of dev.tsv) and served with windows of 250 instances. Held-out training
+taken on the first 2,000 rows of dev.tsv) and served by two replicas, whose counts the controller
+merges into windows of 250 instances. Held-out training
 phrases (rows 20,000 onwards, never trained on) are in-distribution traffic; AG News sentences (another
 domain), SST-2 phrases cut to three words (a length shift) and flipped feedback labels are the shifts.
 Each phase's traffic is followed by a pause longer than window.seconds, so no window mixes two phases.
@@ -37,7 +38,8 @@ def read_tsv(path: Path, header: bool = True) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def sst2_service(ray_cluster, shared_data, tmp_path_factory):
-    """The SST-2 model exported and served with 250-instance windows: (url, registry, held-out rows)."""
+    """The SST-2 model exported and served by two replicas with 250-instance windows: (url, package
+    metadata, held-out rows)."""
     from ray import serve
 
     from serve_deployments.app import applications, run_applications
@@ -55,6 +57,7 @@ def sst2_service(ray_cluster, shared_data, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_applications(applications({
         "registry": str(registry), "models": ["sst2:1"], "engine": "onnx", "num_cpus": 0.5,
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2},  # windows merge both replicas' counts
         "monitoring": {"window": {"instances": WINDOW, "seconds": SECONDS, "min_instances": 100},
                        "feedback": {"window": FEEDBACK_WINDOW, "wait_s": 5}}}))
     held_out = read_tsv(shared_data / "sst2" / "train.tsv")[20_000:]
@@ -103,6 +106,8 @@ def test_held_out_sst2_traffic_raises_no_alarm_in_95_percent_of_windows_and_shif
     replay(url, [t for t, _ in held_out[:40 * WINDOW]], paced=True)
     windows = drift_windows(url, start)
     assert len(windows) >= 30, [w["instances"] for w in windows]  # about 40 windows of about 250
+    assert all({"class_shares", "softmax", "embedding", "text_length", "unknown_tokens"} <=
+               {s["signal"] for s in w["signals"]} for w in windows)
     alarmed = [w for w in windows if w["alarm"]]
     assert len(alarmed) <= 0.05 * len(windows), [(s["signal"], s["score"], s["p_value"])
                                                  for w in alarmed for s in w["signals"] if s["alarm"]]

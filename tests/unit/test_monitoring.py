@@ -34,6 +34,7 @@ from monitoring.signals import accuracy_signal, drift_signals
 from monitoring.window import Observer, WindowCounts
 from rayfoundry.errors import ConfigError
 from serve_deployments.protocol import MAX_FEEDBACK, ApiError, feedback_items
+from tests.conftest import TINY_BERT
 from tests.unit.test_rollout_decisions import FakeClock
 from trainers.config import parse_job
 
@@ -633,3 +634,43 @@ def test_an_exported_text_package_carries_length_bins_and_the_unknown_token_shar
     assert len(texts) == p.rows and p.unknown_share == float(stats.unknown.mean())
     shares = np.bincount(p.text_length.index(stats.lengths), minlength=len(p.text_length.shares)) / p.rows
     assert shares.tolist() == pytest.approx(p.text_length.shares)
+
+
+def test_a_text_package_outputs_its_pooled_embedding_and_the_embedding_signal_tells_other_text_apart(
+        checkpoints, tmp_path):
+    """The text graph's second output is the mean-pooled last hidden state, the profile keeps its first
+    principal components, and replica-side counting of the validation texts matches that reference while
+    texts of another kind move it."""
+    meta = export(ExportJob(checkpoint=str(checkpoints["text"]), name="reviews", registry=str(tmp_path)), **QUIET)
+    emb = meta.monitoring.embedding
+    pkg = Registry(str(tmp_path)).open("reviews:1")
+    for engine in ("onnx", "onnx-int8") if "onnx-int8" in pkg.engines() else ("onnx",):
+        assert Predictor(pkg, engine, "cpu").has_embedding
+    onnx = Predictor(pkg, "onnx", "cpu")
+    assert len(emb.components) == 8 and len(emb.mean) == len(emb.components[0]) == TINY_BERT["hidden_size"]
+    assert len(emb.sample) == min(REFERENCE_SAMPLE, meta.monitoring.rows) and len(emb.sample[0]) == 8
+    texts = load_validation(parse_job(meta.training.config), pkg.labels, onnx.tokenizer).texts
+
+    def window(batch_texts):
+        observer = Observer(meta.monitoring, 1000, seed=0, embedding=True)
+        feeds = onnx.encode(batch_texts)
+        logits, embedding = onnx.logits_and_embedding(feeds)
+        np.testing.assert_allclose(logits, onnx.logits(feeds), rtol=1e-6)
+        observer.observe(batch_stats(feeds, softmax(logits.astype(np.float64)), onnx.tokenizer.unk_token_id, embedding))
+        counts = observer.take()
+        assert counts.embedding_dims == 8 and len(counts.sample[0]) == 2 + 8
+        return {s.signal: s for s in drift_signals(meta.monitoring, counts, Thresholds())}
+
+    same = window(texts)
+    assert same["embedding"].score < 0.05 and not same["embedding"].alarm
+    other = window([f"the quarterly report on grain exports from region {i} was published today" for i in range(60)])
+    assert other["embedding"].alarm, other["embedding"]
+
+
+def test_merging_a_window_with_embeddings_and_one_without_keeps_the_softmax_columns_only():
+    k = 2
+    a = WindowCounts(instances=10, classes=[5, 5], confidence=[10], sample=[[0.5, 0.5, 1.0, 2.0]] * 10,
+                     sampled_from=10, embedding_dims=2)
+    b = WindowCounts(instances=10, classes=[5, 5], confidence=[10], sample=[[0.4, 0.6]] * 10, sampled_from=10)
+    merged = a.merge(b, 100, np.random.default_rng(0))
+    assert merged.embedding_dims == 0 and {len(r) for r in merged.sample} == {k} and merged.instances == 20
