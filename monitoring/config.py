@@ -76,8 +76,8 @@ class Retraining(Section):
     submit: Literal["local", "ray-job"] = Field("local", description="local: a process on the controller's node; "
                                                 "ray-job: `ray job submit` to the cluster (its address in RAY_ADDRESS "
                                                 "or the dashboard on this node).")
-    address: str | None = Field(None, description="ray-job: the dashboard address (default: RAY_ADDRESS, else the "
-                                "cluster the controller runs on).")
+    address: str | None = Field(None, description="ray-job: the job server's address (default: RAY_ADDRESS, else "
+                                "the cluster the controller runs on).")
     quantize: Literal["none", "int8"] = Field("int8", description="Export option for the new package.")
     cooldown_s: float = Field(3600, ge=0, description="No new trigger this long after the last one.")
 

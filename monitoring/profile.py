@@ -96,7 +96,7 @@ def quantile_bins(values: np.ndarray, bins: int = BINS) -> Bins:
 def principal_components(embedding: np.ndarray, keep: np.ndarray, k: int = EMBEDDING_COMPONENTS) -> Embedding:
     mean = embedding.mean(axis=0)
     _, _, axes = np.linalg.svd(embedding - mean, full_matrices=False)
-    out = Embedding(mean=mean.tolist(), components=axes[:k].tolist(), sample=[])
+    out = Embedding(mean=np.round(mean, 6).tolist(), components=np.round(axes[:k], 6).tolist(), sample=[])
     return out.model_copy(update={"sample": np.round(out.project(embedding[keep]), 5).tolist()})
 
 

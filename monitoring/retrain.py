@@ -56,6 +56,15 @@ def retrain_command(name: str, version: str, registry: str, policy: Retraining, 
     return cmd
 
 
+RUNNING: list[Any] = []  # local retraining processes started by this controller, reaped when they end
+
+
+def running() -> int:
+    """Local retraining processes still running (finished ones are reaped)."""
+    RUNNING[:] = [p for p in RUNNING if p.poll() is None]
+    return len(RUNNING)
+
+
 def trigger(registry: Any, name: str, version: str, policy: Retraining, reason: str) -> str:
     """Start (or, in a dry run, describe) retraining; record it; return submitted, dry_run or failed."""
     cmd = retrain_command(name, version, registry.root, policy, reason)
@@ -94,13 +103,17 @@ def _start_local(cmd: list[str], storage: str, name: str) -> str:
 
         proc = subprocess.Popen([sys.executable, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, cwd=os.getcwd())
+    RUNNING.append(proc)
     return f"process {proc.pid}, log {log}"
 
 
 def _submit_job(cmd: list[str], policy: Retraining) -> str:
+    import ray
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(policy.address or os.environ.get("RAY_ADDRESS") or "auto")
+    # Ray reads RAY_ADDRESS first; otherwise this cluster's GCS leads to its job server from any node.
+    address = policy.address or (ray.get_runtime_context().gcs_address if ray.is_initialized() else "auto")
+    client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=" ".join(["python", *(_quote(c) for c in cmd)]))
     return f"ray job {job_id}"
 

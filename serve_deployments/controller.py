@@ -240,10 +240,12 @@ class RolloutController:
     async def _retrain_if_due(self) -> None:
         """An alarm of the champion that persisted `after_windows` windows: train on the newest data, export,
         shadow (monitoring/retrain.py). Not during a rollout, and not again within the cooldown."""
-        from monitoring.retrain import alarm_reason, trigger
+        from monitoring.retrain import alarm_reason, running, trigger
 
         policy, champion = self.monitoring.retraining, self.service.champion
         if not policy.enabled or self.rollout is not None or self.monitor.streak(champion) < policy.after_windows:
+            return
+        if running():  # the last local retraining has not finished: its shadow rollout comes next
             return
         if self.last_retrain and time.monotonic() - self.last_retrain < policy.cooldown_s:
             return
