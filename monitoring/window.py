@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict
 
 from monitoring.profile import BatchStats, ReferenceProfile
 
+MAX_BUFFERED = 50_000  # rows a replica keeps uncounted at most
+
 
 class WindowCounts(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -69,8 +71,9 @@ def _shape(x: list | None) -> tuple:
 
 
 class Observer:
-    """A replica's counts for one version since its last report. `observe` runs on the engine thread,
-    `take` on the event loop: a lock keeps them apart (each holds it for microseconds)."""
+    """A replica's counts for one version since its last report. `observe` runs on the engine thread and
+    only keeps the batch; `take`, on the event loop once a second, counts them all at once. A lock keeps
+    the two apart."""
 
     def __init__(self, profile: ReferenceProfile, sample: int, seed: int | None = None, embedding: bool = False):
         """embedding: the lane's engine outputs the pooled embedding and the profile has its components."""
@@ -100,11 +103,34 @@ class Observer:
         self.features = np.zeros((len(p.features), self.feat_bins), dtype=np.int64) if p.features else None
         self.sample = np.empty((0, len(p.class_shares) + self.embedding_dims))
         self.sampled_from = 0
+        self.pending: list[BatchStats] = []
+        self.buffered = 0
 
     def observe(self, stats: BatchStats) -> None:
-        probs = stats.probs
-        if probs.shape[1] != len(self.classes) or not len(probs):
+        """Keep the batch for counting: the engine thread only appends (binning it here, between engine calls,
+        would hold the GIL the replica's event loop needs); `take` counts a report's batches at once."""
+        if stats.probs.ndim != 2 or stats.probs.shape[1] != len(self.classes) or not len(stats.probs):
             return
+        with self.lock:
+            self.pending.append(stats)
+            self.buffered += len(stats.probs)
+            if self.buffered >= MAX_BUFFERED:  # reports stalled (a controller restarting): count now, bounded
+                self._fold()
+
+    def _fold(self) -> None:
+        """Count the kept batches in one vectorized pass (under the lock)."""
+        if not self.pending:
+            return
+        parts, self.pending, self.buffered = self.pending, [], 0
+        joined = BatchStats(np.concatenate([p.probs for p in parts]))
+        for name in ("lengths", "unknown", "features", "embedding"):
+            values = [getattr(p, name) for p in parts]
+            if all(v is not None for v in values):
+                setattr(joined, name, np.concatenate(values))
+        self._count(joined)
+
+    def _count(self, stats: BatchStats) -> None:
+        probs = stats.probs
         k = len(self.classes)
         classes = np.bincount(probs.argmax(axis=1), minlength=k)
         conf = np.bincount(np.searchsorted(self.conf_edges, probs.max(axis=1), side="right"),
@@ -123,16 +149,15 @@ class Observer:
             projected = self.embedding.project(stats.embedding) if stats.embedding is not None else \
                 np.full((len(probs), self.embedding_dims), np.nan)
             rows = np.concatenate([probs, projected], axis=1)
-        with self.lock:
-            self.instances += len(probs)
-            self.classes += classes
-            self.confidence += conf
-            if lengths is not None:
-                self.lengths += lengths
-                self.unknown += int(stats.unknown.sum())
-            if feats is not None:
-                self.features += feats
-            self._sample(rows)
+        self.instances += len(probs)
+        self.classes += classes
+        self.confidence += conf
+        if lengths is not None:
+            self.lengths += lengths
+            self.unknown += int(stats.unknown.sum())
+        if feats is not None:
+            self.features += feats
+        self._sample(rows)
 
     def _sample(self, probs: np.ndarray) -> None:
         """Reservoir sampling (Vitter's R), vectorized over the batch."""
@@ -149,6 +174,7 @@ class Observer:
 
     def take(self) -> WindowCounts | None:
         with self.lock:
+            self._fold()
             if not self.instances:
                 return None
             out = WindowCounts(
