@@ -76,11 +76,11 @@ def drift_signals(profile: ReferenceProfile, window: WindowCounts, t: Thresholds
     rows = np.asarray(window.sample, dtype=np.float64).reshape(len(window.sample), -1)
     cur = rows[:, :k]
     if len(ref) and len(cur) >= 2:
-        conf = stats.ks_2samp(ref.max(axis=1), cur.max(axis=1))
+        conf = stats.ks_2samp(ref.max(axis=1), cur.max(axis=1), method="asymp")
         raw.append(("confidence", float(conf.statistic), t.min_ks, float(conf.pvalue),
                     f"KS of top-class confidence on {len(cur)} sampled rows"))
         dims = ref.shape[1] if ref.shape[1] > 2 else 1  # two classes: p1 = 1 - p0, one test says it all
-        tests = [stats.ks_2samp(ref[:, j], cur[:, j]) for j in range(dims)]
+        tests = [stats.ks_2samp(ref[:, j], cur[:, j], method="asymp") for j in range(dims)]
         worst = max(tests, key=lambda r: r.statistic)
         raw.append(("softmax", float(worst.statistic), t.min_ks,
                     min(1.0, dims * min(float(r.pvalue) for r in tests)),
@@ -90,7 +90,7 @@ def drift_signals(profile: ReferenceProfile, window: WindowCounts, t: Thresholds
         emb = rows[:, k:k + window.embedding_dims]
         emb = emb[np.isfinite(emb).all(axis=1)]
         if len(emb) >= 2 and emb.shape[1] == emb_ref.shape[1]:
-            tests = [stats.ks_2samp(emb_ref[:, j], emb[:, j]) for j in range(emb.shape[1])]
+            tests = [stats.ks_2samp(emb_ref[:, j], emb[:, j], method="asymp") for j in range(emb.shape[1])]
             worst = max(tests, key=lambda r: r.statistic)
             raw.append(("embedding", float(worst.statistic), t.min_ks,
                         min(1.0, len(tests) * min(float(r.pvalue) for r in tests)),
