@@ -56,7 +56,7 @@ test-unit: $(STAMP)
 clean:
 	rm -rf runs registry
 
-.PHONY: bench-train bench-inference bench-serve bench-tune bench-tracking
+.PHONY: bench-train bench-inference bench-serve bench-tune bench-tracking bench-monitoring
 bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one process vs ZeRO-2/3 (~4 min)
 	$(PY) benchmarks/train_throughput.py
 
@@ -73,6 +73,9 @@ bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial over
 
 bench-tracking: $(STAMP)  ## tracking: none vs MLflow vs TensorBoard on a training run; data fingerprint cost (~5 min)
 	$(PY) benchmarks/tracking_overhead.py
+
+bench-monitoring: $(STAMP)  ## serving with monitoring on vs off, SST-2 MiniLM and digits, and where its CPU goes (~7 min)
+	$(PY) benchmarks/monitoring_overhead.py
 
 # A local Ray head like a cluster's: token authentication on (Ray 2.60's `ray start --head` default,
 # made explicit), everything on 127.0.0.1, started from the venv so jobs run its python. Then
