@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,8 +100,6 @@ def _start_local(cmd: list[str], storage: str, name: str) -> str:
     if ray.is_initialized():
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     with open(log, "ab") as out:
-        import subprocess
-
         proc = subprocess.Popen([sys.executable, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, cwd=os.getcwd())
     RUNNING.append(proc)

@@ -239,7 +239,8 @@ class RolloutController:
 
     async def _retrain_if_due(self) -> None:
         """An alarm of the champion that persisted `after_windows` windows: train on the newest data, export,
-        shadow (monitoring/retrain.py). Not during a rollout, and not again within the cooldown."""
+        shadow (monitoring/retrain.py). Not during a rollout, not while the last local retraining runs, and
+        not again within the cooldown."""
         from monitoring.retrain import alarm_reason, running, trigger
 
         policy, champion = self.monitoring.retraining, self.service.champion
