@@ -76,7 +76,8 @@ def controller(name: str) -> Any:
     # A driver whose environment has RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (a process started by the service,
     # or a job on a cluster started with it) would get a handle usable only inside an event loop; the CLI
     # calls it from plain code.
-    handle._init(_run_router_in_separate_loop=True)
+    if not handle.is_initialized:  # Serve may hand back a handle this process already used
+        handle._init(_run_router_in_separate_loop=True)
     return handle
 
 
