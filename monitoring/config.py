@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rayfoundry.validation import check_order
+
 SIGNALS = ("class_shares", "confidence", "softmax", "embedding", "text_length", "unknown_tokens", "features",
            "live_accuracy")
 Signal = Literal["class_shares", "confidence", "softmax", "embedding", "text_length", "unknown_tokens", "features",
@@ -28,8 +30,7 @@ class Window(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> Window:
-        if self.min_instances > self.instances:
-            raise ValueError(f"min_instances {self.min_instances} is above instances {self.instances}")
+        check_order(self, "min_instances", "instances")
         return self
 
 

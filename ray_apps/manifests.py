@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from rayfoundry.errors import describe_validation_error
+from rayfoundry.validation import check_order
 from trainers.config import ConfigError, Section, load_job, read_yaml
 
 if TYPE_CHECKING:
@@ -58,8 +59,7 @@ class WorkerSpec(Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> WorkerSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"worker.min_replicas {self.min_replicas} exceeds worker.max_replicas {self.max_replicas}")
+        check_order(self, "min_replicas", "max_replicas", prefix="worker.")
         return self
 
 

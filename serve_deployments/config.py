@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from monitoring.config import MonitoringPolicy
 from rayfoundry.errors import ConfigError, describe_validation_error
+from rayfoundry.validation import check_order
 from serve_deployments.rollout import RolloutPolicy
 
 
@@ -43,8 +44,7 @@ class Autoscaling(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        check_order(self, "min_replicas", "max_replicas")
         return self
 
 
