@@ -224,17 +224,20 @@ def test_observe_from_four_threads_while_take_runs_loses_no_instance(profile):
     batches = [draw(np.random.default_rng(i), 1 + i % 13) for i in range(40)]
     rounds = 50
     observed = rounds * sum(len(b.probs) for b in batches)  # each thread serves a quarter of the batches
-    taken, done = [], threading.Event()
+    taken, done, first_taken = [], threading.Event(), threading.Event()
 
     def serve(offset: int) -> None:
-        for _ in range(rounds):
+        for r in range(rounds):
             for b in batches[offset::4]:
                 observer.observe(b)
+            if r == 0:  # the rest is observed after a take(), however the threads are scheduled
+                assert first_taken.wait(30)
 
     def report() -> None:
         while not done.is_set():
             if (w := observer.take()) is not None:
                 taken.append(w)
+                first_taken.set()
 
     threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
     reporter = threading.Thread(target=report)
@@ -247,7 +250,7 @@ def test_observe_from_four_threads_while_take_runs_loses_no_instance(profile):
     reporter.join()
     if (last := observer.take()) is not None:
         taken.append(last)
-    assert len(taken) > 1  # take() really ran while the threads observed
+    assert len(taken) > 1  # take() ran while the threads observed
     assert sum(w.instances for w in taken) == observed
     assert sum(sum(w.classes) for w in taken) == sum(sum(w.features[0]) for w in taken) == observed
     assert sum(w.sampled_from for w in taken) == observed and all(len(w.sample) <= 100 for w in taken)
