@@ -5,7 +5,9 @@ rollout the candidate, its traffic weight and its shadow share. Replicas report 
 second and get the plan back; the controller merges the counts into the rollout's evidence, ticks
 the rollout (serve_deployments/rollout.py) and records each decision, with its evidence, in the
 model's registry history. It also follows the registry: when the champion alias moves, the service
-switches to the new version directly or rolls it out, as the policy says.
+switches to the new version directly or rolls it out, as the policy says. The monitoring of the
+served versions (drift, live accuracy, retraining) is its `ServedMonitoring`
+(serve_deployments/monitoring.py), fed with the same reports and ticked by the same loop.
 
 Its state is kept beside the model's registry.json (`rollout.json`), written at every change, so a
 restarted controller resumes the rollout where it was (the evidence gathered so far restarts).
@@ -26,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
+from serve_deployments.monitoring import ServedMonitoring
 from serve_deployments.rollout import ACTIVE, Plan, ReplicaReport, Rollout, RolloutPolicy, RolloutState
 
 logger = logging.getLogger("ray.serve")
@@ -69,8 +72,6 @@ class RolloutController:
     def __init__(self, registry: str, name: str, built: str, follow: str | None, policy: dict[str, Any],
                  monitoring: dict[str, Any] | None = None):
         from model_registry.registry import Registry
-        from monitoring.config import MonitoringPolicy
-        from monitoring.monitor import Monitor
         from rayfoundry.ray_env import quiet_process
 
         quiet_process()
@@ -90,10 +91,7 @@ class RolloutController:
         # starts from the alias as it is.
         self.followed = self.service.followed if self.service.followed is not None else self._alias()
         self.warned: set[tuple[str, int]] = set()
-        self.monitoring = MonitoringPolicy.model_validate(monitoring or {})
-        labels = self.registry.metadata(name, self.service.champion).task.labels
-        self.monitor = Monitor(name, labels, self.monitoring) if self.monitoring.enabled else None
-        self.last_retrain = 0.0  # when retraining last triggered (monotonic)
+        self.monitoring = ServedMonitoring(self.registry, name, self._served, monitoring)
         self._metrics()
         self.task: asyncio.Task | None = None
         # A new generation at every start: replicas apply it, and no plan of an earlier life of this
@@ -111,31 +109,8 @@ class RolloutController:
                                          tag_keys=("model", "phase"))
         self.guard_gauge = metrics.Gauge("rayfoundry_rollout_guard", "Each guard's current value (its threshold "
                                          "is in the status).", tag_keys=("model", "guard"))
-        # Monitoring (monitoring/): the latest closed window of each version and signal.
-        self.score_gauge = metrics.Gauge("rayfoundry_monitor_score", "Each monitoring signal's score in the latest "
-                                         "window: PSI, KS distance, unknown-token share rise, or accuracy drop.",
-                                         tag_keys=("model", "version", "signal"))
-        self.p_gauge = metrics.Gauge("rayfoundry_monitor_p_value", "Each signal's p-value in the latest window.",
-                                     tag_keys=("model", "version", "signal"))
-        self.alarm_gauge = metrics.Gauge("rayfoundry_monitor_alarm", "1 when the signal alarmed in the latest window "
-                                         "(significant after Bonferroni and at least the minimum effect).",
-                                         tag_keys=("model", "version", "signal"))
-        self.windows_counter = metrics.Counter("rayfoundry_monitor_windows_total", "Closed monitoring windows, by kind "
-                                               "(drift, feedback) and outcome (alarm, ok).",
-                                               tag_keys=("model", "version", "kind", "outcome"))
-        self.live_gauge = metrics.Gauge("rayfoundry_live_accuracy", "Accuracy on the latest window of feedback labels "
-                                        "(metric=accuracy, macro_f1, reference: the package's validation accuracy).",
-                                        tag_keys=("model", "version", "metric"))
-        self.feedback_counter = metrics.Counter("rayfoundry_feedback_labels_total", "Feedback labels by outcome: "
-                                                "matched, unmatched, duplicate, expired (answers forgotten), "
-                                                "out_of_range.", tag_keys=("model", "outcome"))
-        self.retrain_counter = metrics.Counter("rayfoundry_retraining_triggers_total", "Retraining triggers by outcome "
-                                               "(submitted, dry_run, failed).", tag_keys=("model", "outcome"))
-        for m in (self.weight_gauge, self.shadow_gauge, self.phase_gauge, self.guard_gauge, self.score_gauge,
-                  self.p_gauge, self.alarm_gauge, self.windows_counter, self.live_gauge, self.feedback_counter,
-                  self.retrain_counter):
+        for m in (self.weight_gauge, self.shadow_gauge, self.phase_gauge, self.guard_gauge):
             m.set_default_tags({"model": self.name})
-        self.feedback_exported = dict.fromkeys(("matched", "unmatched", "duplicate", "expired", "out_of_range"), 0)
 
     def _ensure_loop(self) -> None:
         if self.task is None or self.task.done():
@@ -167,94 +142,12 @@ class RolloutController:
             self.warned.add((report.replica, report.generation))  # it keeps serving the version it has
             logger.warning("%s: replica %s could not load version %s: %s", self.name, report.replica,
                            self.service.champion, report.load_error)
-        if self.monitor is not None and (report.monitor or report.answered.request_ids):
-            await self._monitor_report(report)
+        await self.monitoring.report(report)
         return self.plan()
 
-    # --- monitoring --------------------------------------------------------------------------------
-    async def _track(self, versions: set[str]) -> None:
-        for version in versions - {v for v in versions if self.monitor.has(v)}:
-            try:
-                profile = (await asyncio.to_thread(self.registry.metadata, self.name, version)).monitoring
-            except Exception:  # noqa: BLE001 - a version gone from the registry: counted, not tested
-                logger.exception("%s: no reference profile for version %s", self.name, version)
-                profile = None
-            self.monitor.track(version, profile)
-
-    async def _monitor_report(self, report: ReplicaReport) -> None:
-        await self._track(set(report.monitor) | set(report.answered.versions))
-        results = [r for version, counts in report.monitor.items() for r in self.monitor.add(version, counts)]
-        results += self.monitor.answered(report.answered.items())
-        self._export_windows(results)
-
-    async def feedback(self, items: list[Any]) -> dict[str, Any]:
-        """Labels for answered requests (checked by the server application): joined by request id."""
-        if self.monitor is None:
-            from rayfoundry.errors import ConfigError
-
-            raise ConfigError(f"{self.name}: monitoring is off for this service (monitoring.enabled false)")
-        outcome, results = self.monitor.feedback(items)
-        self._export_windows(results)
-        return outcome.model_dump()
-
-    async def monitor_status(self) -> dict[str, Any]:
-        if self.monitor is None:
-            return {"model": self.name, "enabled": False, "versions": {}}
-        await self._track({self.service.champion} | ({self.rollout.state.candidate} if self.rollout else set()))
-        return {"enabled": True, "champion": self.service.champion, "candidate":
-                self.rollout.state.candidate if self.rollout else None} | self.monitor.status() | \
-            {"retraining": self.monitoring.retraining.model_dump() | {"last_trigger_s_ago": round(
-                time.monotonic() - self.last_retrain, 1) if self.last_retrain else None}}
-
-    def _export_windows(self, results: list[Any]) -> None:
-        for r in results:
-            tags = {"version": r.version}
-            for sig in r.signals:
-                t = tags | {"signal": sig.signal}
-                self.score_gauge.set(sig.score, tags=t)
-                self.p_gauge.set(sig.p_value, tags=t)
-                self.alarm_gauge.set(1.0 if sig.alarm else 0.0, tags=t)
-            self.windows_counter.inc(tags=tags | {"kind": r.kind, "outcome": "alarm" if r.alarm else "ok"})
-            if r.kind == "feedback":
-                self.live_gauge.set(r.accuracy, tags=tags | {"metric": "accuracy"})
-                self.live_gauge.set(r.macro_f1, tags=tags | {"metric": "macro_f1"})
-                self.live_gauge.set(r.accuracy + r.signals[0].score, tags=tags | {"metric": "reference"})
-            if r.alarm:
-                logger.warning("%s:%s: %s window alarm: %s", self.name, r.version, r.kind,
-                               "; ".join(f"{s.signal} {s.score:.3g} (p={s.p_value:.2g})" for s in r.signals if s.alarm))
-        for outcome, n in self.monitor.counts.items():
-            if n > self.feedback_exported[outcome]:
-                self.feedback_counter.inc(n - self.feedback_exported[outcome], tags={"outcome": outcome})
-                self.feedback_exported[outcome] = n
-
-    def _retire_versions(self) -> None:
-        """A version no longer served leaves the monitor; its alarm gauges go to 0, so no alert keeps firing
-        for a model nobody is served by."""
-        from monitoring.config import SIGNALS
-
-        served = {self.service.champion} | ({self.rollout.state.candidate} if self.rollout else set())
-        for version in self.monitor.retire(served):
-            for signal in SIGNALS:
-                self.alarm_gauge.set(0.0, tags={"version": version, "signal": signal})
-
-    async def _retrain_if_due(self) -> None:
-        """An alarm of the champion that persisted `after_windows` windows: train on the newest data, export,
-        shadow (monitoring/retrain.py). Not during a rollout, not while the last local retraining runs, and
-        not again within the cooldown."""
-        from monitoring.retrain import alarm_reason, running, trigger
-
-        policy, champion = self.monitoring.retraining, self.service.champion
-        if not policy.enabled or self.rollout is not None or self.monitor.streak(champion) < policy.after_windows:
-            return
-        if running():  # the last local retraining has not finished: its shadow rollout comes next
-            return
-        if self.last_retrain and time.monotonic() - self.last_retrain < policy.cooldown_s:
-            return
-        self.last_retrain = time.monotonic()
-        reason = alarm_reason(self.monitor, champion)
-        self.monitor.reset_streak(champion)
-        outcome = await asyncio.to_thread(trigger, self.registry, self.name, champion, policy, reason)
-        self.retrain_counter.inc(tags={"outcome": outcome})
+    def _served(self) -> tuple[str, str | None]:
+        """The champion, and the candidate during a rollout."""
+        return self.service.champion, self.rollout.state.candidate if self.rollout else None
 
     # --- what users ask ----------------------------------------------------------------------------
     async def start(self, candidate: str, policy: dict[str, Any] | None = None, shadow: bool = False) -> dict[str, Any]:
@@ -289,6 +182,14 @@ class RolloutController:
             raise ConfigError(f"{self.name}: no rollout in progress")
         await self._finish(self.rollout, "aborted", reason or "aborted by request")
         return await self.status()
+
+    async def feedback(self, items: list[Any]) -> dict[str, Any]:
+        """Labels for answered requests (checked by the server application): joined by request id."""
+        return self.monitoring.feedback(items)
+
+    async def monitor_status(self) -> dict[str, Any]:
+        """Each served version's drift signals, live accuracy and volume (serve_deployments/monitoring.py)."""
+        return await self.monitoring.status()
 
     async def status(self) -> dict[str, Any]:
         """Phase, weight, each guard against its threshold, and the counts (JSON-ready)."""
@@ -336,7 +237,7 @@ class RolloutController:
             shadow["disagreement"] = {"value": shadow["disagreed"] / shadow["compared"], "low": ci.low, "high": ci.high}
         return {"model": self.name, "champion": r.state.champion, "candidate": r.state.candidate,
                 "phase": r.state.phase, "versions": out, "shadow": shadow,
-                "accuracy": {v: self.monitor.live_accuracy(v) for v in out} if self.monitor is not None else
+                "accuracy": {v: self.monitoring.monitor.live_accuracy(v) for v in out} if self.monitoring.monitor is not None else
                 "needs feedback labels (monitoring is off for this service)"}
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -358,10 +259,7 @@ class RolloutController:
                         await self._finish(r, phase, r.state.reason or "")
                     elif (phase, r.state.step) != before:
                         self._changed()
-                if self.monitor is not None:
-                    self._export_windows(self.monitor.tick())
-                    self._retire_versions()
-                    await self._retrain_if_due()
+                await self.monitoring.tick()
                 self._export()
             except Exception:  # noqa: BLE001 - a registry hiccup must not stop the controller
                 logger.exception("%s: rollout controller tick failed", self.name)

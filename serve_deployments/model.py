@@ -3,7 +3,8 @@
     python -m ray_apps serve --model digits@champion          # this app per model, plus the server app
     serve deploy cluster_configs/serve/digits.yaml            # the same, declaratively
 
-Route prefix /v2/models/NAME (KServe V2: metadata, ready, stats, infer with JSON or binary tensors).
+Route prefix /v2/models/NAME (KServe V2: metadata, ready, stats, infer with JSON or binary tensors;
+the routes are serve_deployments/routes.py).
 The server application (`serve_deployments.app`) answers /v2, /v2/health/* and /v1, and forwards
 /v1 predictions here through a handle (`ModelServer.predict`). One HTTP hop for V2: with HAProxy
 ingress the request goes from HAProxy straight to this replica.
@@ -30,16 +31,15 @@ from collections import deque
 from typing import Any
 
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import Response
 
 from monitoring.monitor import AnsweredBatch
 from serve_deployments.controller import RolloutController, read_service
-from serve_deployments.http import BodyReader, error_response, json_response, v2_instances
+from serve_deployments.http import BodyReader
 from serve_deployments.instances import InstanceError, InstanceSpec
 from serve_deployments.lane import Lane
-from serve_deployments.protocol import BINARY_HEADER, ApiError, check_outputs, parse_v2, v2_response
+from serve_deployments.protocol import ApiError
 from serve_deployments.rollout import Plan, ReplicaReport, assign
+from serve_deployments.routes import KServeRoutes
 
 logger = logging.getLogger("ray.serve")
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
@@ -78,7 +78,7 @@ class Metrics:
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
-class ModelServer:
+class ModelServer(KServeRoutes):
     def __init__(self, registry: str, ref: str, engine: str, device: str, intra_op_threads: int,
                  limits: dict[str, Any], controller: Any = None, monitoring: dict[str, Any] | None = None):
         from model_registry.registry import Registry
@@ -282,94 +282,6 @@ class ModelServer:
             tags = {"version": lane.version, "protocol": protocol}
             self.metrics.requests.inc(tags=tags | {"status": str(status)})
             self.metrics.latency.observe(time.perf_counter() - started, tags=tags)
-
-    # --- HTTP: KServe V2 under /v2/models/NAME -------------------------------------------------
-    async def __call__(self, request: Request) -> Response:
-        """Serve hands this replica each HTTP request under the route prefix. Six routes do not need a
-        web framework: FastAPI's middleware and dependency solving cost about a third of the event
-        loop's time per request here (py-spy, benchmarks/serve_load.py at concurrency 32)."""
-        try:
-            return await self._route(request)
-        except ApiError as e:
-            return error_response(e)
-        except Exception as e:  # noqa: BLE001 - a bug answers this request with a JSON 500; the replica goes on
-            logger.exception("%s: %s %s failed", self.name, request.method, request.scope["path"])
-            return error_response(ApiError(500, f"internal error: {type(e).__name__}"))
-
-    async def _route(self, request: Request) -> Response:
-        path = request.scope["path"][len(request.scope.get("root_path", "")):].strip("/")
-        parts = path.split("/") if path else []
-        if parts[:1] == ["rollout"] and len(parts) <= 2:
-            return await self._rollout(request, parts[1] if len(parts) == 2 else "")
-        if parts == ["monitor"]:
-            return await self._monitor(request)
-        version = None
-        if parts[:1] == ["versions"] and len(parts) >= 2:
-            version, parts = parts[1], parts[2:]
-        leaf = parts[0] if len(parts) == 1 else ("" if not parts else None)
-        allowed = {"": "GET", "ready": "GET", "stats": "GET", "infer": "POST"}.get(leaf) if leaf is not None else None
-        if allowed is None or (leaf == "stats" and version is not None):
-            raise ApiError(404, f"no route {request.scope['path']!r} for model {self.name} (routes: infer, ready, "
-                                "stats, monitor, rollout, rollout/report, versions/VERSION[/infer|/ready])")
-        if request.method != allowed:
-            raise ApiError(405, f"{request.method} {request.scope['path']}: use {allowed}")
-        self._version(version)
-        if leaf == "infer":
-            return await self.infer(request, version)
-        doc = self.metadata() if leaf == "" else {"name": self.name, "ready": True} if leaf == "ready" else \
-            {"model_stats": [{"name": self.name, "version": lane.version} | lane.statistics() | self.batching
-                             for lane in self.lanes.values()]}
-        return json_response(doc)
-
-    async def _rollout(self, request: Request, leaf: str) -> Response:
-        """GET rollout: the phase, weight, guards and counts; GET rollout/report: the A/B comparison."""
-        if leaf not in ("", "report"):
-            raise ApiError(404, f"no route {request.scope['path']!r} for model {self.name} (rollout, rollout/report)")
-        if request.method != "GET":
-            raise ApiError(405, f"{request.method} {request.scope['path']}: use GET (start and abort a rollout with "
-                                "`python -m ray_apps rollout`)")
-        if self.controller is None:
-            raise ApiError(404, f"model {self.name} is served without a rollout controller")
-        call = self.controller.ab_report if leaf else self.controller.status
-        try:
-            return json_response(await asyncio.wait_for(call.remote(), 30))
-        except TimeoutError:
-            raise ApiError(503, f"model {self.name}: the rollout controller did not answer; retry shortly") from None
-
-    async def _monitor(self, request: Request) -> Response:
-        """GET monitor: each version's drift signals against its reference, live accuracy and volume."""
-        if request.method != "GET":
-            raise ApiError(405, f"{request.method} {request.scope['path']}: use GET")
-        if self.controller is None:
-            raise ApiError(404, f"model {self.name} is served without a controller (rollout: null): no monitoring")
-        try:
-            return json_response(await asyncio.wait_for(self.controller.monitor_status.remote(), 30))
-        except TimeoutError:
-            raise ApiError(503, f"model {self.name}: the controller did not answer; retry shortly") from None
-
-    def _version(self, version: str | None) -> None:
-        if version is not None and version not in self.lanes:
-            raise ApiError(404, f"model {self.name} has no version {version!r} here (serving version "
-                                f"{', '.join(sorted(self.lanes, key=int))})")
-
-    def metadata(self) -> dict[str, Any]:
-        lane = self.champion
-        if self.kind == "text":
-            inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-        else:
-            inputs = [{"name": "features", "datatype": "FP32", "shape": [-1, self.num_features]}]
-        return {"name": self.name, "versions": [lane.version] + [v for v in self.lanes if v != lane.version],
-                "platform": f"rayfoundry_{lane.engine}", "inputs": inputs,
-                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(lane.labels)]},
-                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
-                "parameters": {"labels": lane.labels}}
-
-    async def infer(self, request: Request, version: str | None = None) -> Response:
-        req, tensors = parse_v2(await self.bodies.read(request), request.headers.get(BINARY_HEADER))
-        check_outputs(req)  # before the engine runs for an answer nobody can have
-        instances = v2_instances(self.name, self.kind, self.num_features, tensors)
-        body, headers = v2_response(req, await self._predict(instances, "v2", request.headers, version))
-        return Response(content=body, headers=headers)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
