@@ -74,8 +74,9 @@ bench-tune: $(STAMP)  ## sweeps: ASHA vs random search on digits, per-trial over
 bench-tracking: $(STAMP)  ## tracking: none vs MLflow vs TensorBoard on a training run; data fingerprint cost (~5 min)
 	$(PY) benchmarks/tracking_overhead.py
 
-bench-monitoring: $(STAMP)  ## serving with monitoring on vs off, SST-2 MiniLM and digits, and where its CPU goes (~7 min)
+bench-monitoring: $(STAMP)  ## serving with monitoring on vs off, SST-2 MiniLM and digits, then where its CPU goes (~9 min)
 	$(PY) benchmarks/monitoring_overhead.py
+	$(PY) benchmarks/monitoring_parts.py
 
 # A local Ray head like a cluster's: token authentication on (Ray 2.60's `ray start --head` default,
 # made explicit), everything on 127.0.0.1, started from the venv so jobs run its python. Then

@@ -15,28 +15,21 @@ process of its own, loads one arm at a time. Each of --rounds rounds deploys bot
 processes differ in speed for as long as they live), runs them in the order --arms gives, reversed every
 round so a drift of the machine's speed hits both alike, and deletes them. CPU: every process but the load
 generator's. The ratio is over all runs: per round it shows how far one round can mislead.
-Then the parts, on the code the replica and controller run, at each level's served rate and batch size:
-counting a batch (Lane._observe: batch_stats + Observer.observe) against its engine call, keeping each
-answer for feedback, the replica's report (Observer.take, pickling) and the controller's share
-(unpickling, Monitor.add with the drift tests of the windows it closes, Monitor.answered). Their sum per
-request over the served CPU per request predicts the throughput cost. Writes results/monitoring_overhead.json.
+Writes results/monitoring_overhead.json; benchmarks/monitoring_parts.py then times monitoring's parts at the
+served rates and batch sizes recorded there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
-import pickle
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +47,6 @@ from benchmarks.sst2_package import DEFAULT_CHECKPOINT, DEFAULT_REGISTRY, bench_
 BOUND = 0.03  # the requirement: monitoring costs under 3% of throughput
 DIGITS_RUN = REPO / "runs" / "digits_cnn"
 TEXT_BODY = serve_load.body
-REPORTS = 20  # reports timed per package in isolation
 
 
 @dataclass
@@ -130,6 +122,17 @@ def digits_package(registry: str):
                        cwd=REPO, check=True)
     return Registry(registry).open(export(ExportJob(checkpoint=str(DIGITS_RUN), name="digits-bench", registry=registry,
                                                     quantize="int8", max_int8_drop=1.0)).ref)
+
+
+def packages(models: list[str], checkpoint: Path, registry: str, tmp: Path) -> dict[str, Served]:
+    """The packages by label, as both monitoring benchmarks serve them; digits goes to a registry in `tmp`."""
+    out = {}
+    for label in models:
+        reg = registry if label == "sst2" else str(tmp / "registry")
+        pkg = sst2_package(checkpoint, reg) if label == "sst2" else digits_package(reg)
+        out[label] = served(label, pkg, reg, tmp)
+        print(f"{label}: {pkg.ref}, {len(out[label].rows)} request rows", flush=True)
+    return out
 
 
 def served(label: str, pkg, registry: str, tmp: Path) -> Served:
@@ -223,119 +226,12 @@ def summarize(rounds: list[dict], level: int) -> dict:
     return out
 
 
-# --- the parts, in isolation -------------------------------------------------------------------
-def lane_for(m: Served):
-    """The replica's lane for the package: its engine (as engine auto picks it), observer and counting code."""
-    from monitoring.config import MonitoringPolicy
-    from serve_deployments.config import Limits
-    from serve_deployments.lane import Lane
-
-    engine = "onnx-int8" if "onnx-int8" in m.package.metadata.engines() else "onnx"
-    return Lane(m.registry, m.package.ref, engine, "cpu", 2, Limits().model_dump(), None, None,
-                MonitoringPolicy().window.sample)
-
-
-def engine_call(lane, batch: Any) -> tuple[dict, np.ndarray, np.ndarray | None]:
-    """What Lane._run computes for a batch: encode, then logits (and, monitoring text, the pooled
-    embedding from the same call), softmax."""
-    from model_registry.predictor import softmax
-
-    feeds = lane.predictor.encode(batch)
-    logits, embedding = lane.predictor.logits_and_embedding(feeds) if lane.embedding else \
-        (lane.predictor.logits(feeds), None)
-    return feeds, softmax(logits.astype(np.float64)), embedding
-
-
-def batches_of(m: Served, size: int) -> list:
-    rows = m.rows if m.kind == "v2" else np.asarray(m.rows, dtype=np.float32)
-    return [rows[i:i + size] for i in range(0, len(rows) - size + 1, size)]
-
-
-def batch32(m: Served, lane, seconds: float) -> dict:
-    """Median µs per batch of 32: the engine call and the counting the engine thread then does
-    (Lane._observe); then batch_stats and Observer.observe called again at once (warm caches)."""
-    from monitoring.profile import batch_stats
-
-    batches = batches_of(m, 32)
-    times: dict[str, list[float]] = {"engine": [], "counting": [], "batch_stats": [], "observe": []}
-    k, stop = 0, time.perf_counter() + seconds
-    while time.perf_counter() < stop or k < 2 * len(batches):  # the first len(batches) fill the reservoir
-        t0 = time.perf_counter()
-        feeds, probs, embedding = engine_call(lane, batches[k % len(batches)])
-        t1 = time.perf_counter()
-        lane._observe(feeds, probs, embedding)
-        t2 = time.perf_counter()
-        stats = batch_stats(feeds, probs, lane.unk_id, embedding)
-        t3 = time.perf_counter()
-        lane.observer.observe(stats)
-        for key, t in zip(times, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
-            times[key].append(t)
-        k += 1
-    return {key: 1e6 * statistics.median(t[len(batches):]) for key, t in times.items()} | {"batches": k - len(batches)}
-
-
-def per_request(m: Served, lane, qps: float, mean_batch: float) -> dict:
-    """µs per request of each part of monitoring at a served rate and batch size: counting each batch right
-    after its engine call (as the engine thread does; warm caches would hide most of it), then REPORTS
-    reports of one second of answers each, sent (pickled) and merged by a Monitor, timed without the
-    cyclic garbage collector."""
-    from monitoring.config import MonitoringPolicy
-    from monitoring.monitor import AnsweredBatch, Monitor
-    from serve_deployments.rollout import ReplicaReport, VersionReport
-
-    policy = MonitoringPolicy()
-    n, size = max(1, round(qps)), max(1, round(mean_batch))
-    counting = []
-    for batch in batches_of(m, size)[:30]:
-        feeds, probs, embedding = engine_call(lane, batch)
-        t0 = time.perf_counter()
-        lane._observe(feeds, probs, embedding)
-        counting.append(time.perf_counter() - t0)
-    ids = [uuid.uuid4().hex for _ in range(n)]  # made with monitoring off too
-    kept: deque = deque(maxlen=policy.feedback.max_pending)
-    monitor = Monitor(m.package.metadata.name, lane.labels, policy)
-    monitor.track(lane.version, m.package.metadata.monitoring)
-    keys = ("answer kept", "take", "pickle", "unpickle", "merge + drift tests", "answers")
-    t, windows = dict.fromkeys(keys, 0.0), 0
-    gc.collect()
-    gc.disable()  # a collection's pause would land on whichever part happens to allocate
-    for _ in range(REPORTS):
-        for _ in range(n // size):  # the counts a report carries
-            lane._observe(feeds, probs, embedding)
-        marks = [time.perf_counter()]
-        for i in ids:  # what _predict adds per answer
-            kept.append((i, lane.version, [lane.labels[0]]))
-        marks.append(time.perf_counter())
-        counts = lane.observer.take()
-        marks.append(time.perf_counter())
-        columns = [list(c) for c in zip(*kept)]  # as ModelServer._answered sends them
-        answered = AnsweredBatch.model_construct(request_ids=columns[0], versions=columns[1], labels=columns[2])
-        sent = pickle.dumps(ReplicaReport(replica="r", generation=0, versions={lane.version: VersionReport()},
-                                          monitor={lane.version: counts}, answered=answered))
-        kept.clear()
-        marks.append(time.perf_counter())
-        got = pickle.loads(sent)
-        marks.append(time.perf_counter())
-        windows += len(monitor.add(lane.version, got.monitor[lane.version]))
-        marks.append(time.perf_counter())
-        monitor.answered(got.answered.items())
-        marks.append(time.perf_counter())
-        for key, t0, t1 in zip(keys, marks, marks[1:]):
-            t[key] += t1 - t0
-    gc.enable()
-    us = {"counting": 1e6 * statistics.median(counting) / size} | {key: 1e6 * v / (REPORTS * n) for key, v in t.items()}
-    return {"answers_per_report": n, "batch": size, "report_bytes": len(sent), "windows_closed": windows,
-            "reports": REPORTS, "us_per_req": us, "added_us_per_req": sum(us.values()),
-            "replica_ms_per_report": 1e-3 * n * (us["take"] + us["pickle"]),
-            "controller_ms_per_report": 1e-3 * n * (us["unpickle"] + us["merge + drift tests"] + us["answers"])}
-
-
 # --- report -------------------------------------------------------------------------------------
 def on_off(s: dict, key: str, fmt: str = ".1f") -> str:
     return f"{s[key + '_on']:{fmt}} / {s[key + '_off']:{fmt}}"
 
 
-def report(summary: dict, iso: dict, seconds: float, rounds: int) -> None:
+def report(summary: dict, seconds: float, rounds: int) -> None:
     print(f"\nMonitoring on vs off, {machine()}: {rounds} rounds of new replicas, {seconds:g}s per run, the arms' "
           "order reversed each round; CPU: every process's but the load generator's, and of it the loaded arm's "
           "model replica and controller\n")
@@ -352,26 +248,6 @@ def report(summary: dict, iso: dict, seconds: float, rounds: int) -> None:
                   f"{on_off(s, 'p99_ms')} | {on_off(s, 'cpu_ms_per_req', '.2f')} | "
                   f"{on_off(s, 'model_replica_ms_per_req', '.2f')} | {on_off(s, 'controller_ms_per_req', '.3f')} | "
                   f"{s['mean_batch_on']:.1f} | {s['verdict']} |")
-    if not iso:
-        return
-    print("\nIn isolation, median µs per batch of 32:\n\n| model | engine call | counting after it (Lane._observe) | "
-          "batch_stats, again | Observer.observe, again | counting / engine |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, x in iso.items():
-        b = x["batch32"]
-        print(f"| {label} | {b['engine']:.0f} | {b['counting']:.0f} | {b['batch_stats']:.0f} | {b['observe']:.0f} | "
-              f"{100 * b['counting'] / b['engine']:.1f}% |")
-    keys = list(next(iter(iso.values()))["levels"].values())[0]["us_per_req"]
-    print("\nWhere monitoring's CPU goes, µs per request at each level's served rate and batch size (a replica "
-          "reports once a second):\n\n| model | concurrency | answers a second, batch | " + " | ".join(keys) +
-          " | total | replica / controller ms per report | predicted on/off | measured on/off |\n"
-          "| --- | ---: | ---: |" + " ---: |" * (len(keys) + 4))
-    for label, x in iso.items():
-        for c, y in x["levels"].items():
-            print(f"| {label} | {c} | {y['answers_per_report']}, {y['batch']} | " +
-                  " | ".join(f"{v:.1f}" for v in y["us_per_req"].values()) +
-                  f" | {y['added_us_per_req']:.1f} | {y['replica_ms_per_report']:.1f} / {y['controller_ms_per_report']:.1f}"
-                  f" ({y['windows_closed']} windows in {y['reports']}) | {y['predicted_ratio']:.3f} | "
-                  f"{summary[label][c].get('ratio', float('nan')):.3f} |")
 
 
 def main() -> None:
@@ -379,9 +255,8 @@ def main() -> None:
     p.add_argument("--models", default="sst2,digits", help="comma list of sst2, digits")
     p.add_argument("--arms", default="on,off", help="the arms, in the first round's order (reversed each round)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each with new replicas of both arms")
-    p.add_argument("--concurrency", default="32,1", help="levels, comma list; the first sizes the isolated parts")
+    p.add_argument("--concurrency", default="32,1", help="levels, comma list")
     p.add_argument("--seconds", type=float, default=6.0, help="measured time per run")
-    p.add_argument("--isolation-seconds", type=float, default=5.0, help="batches of 32 timed per model (0: no parts)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="SST-2 checkpoint")
     p.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry of the SST-2 bench package")
     p.add_argument("--loadgen", help=argparse.SUPPRESS)
@@ -405,12 +280,7 @@ def main() -> None:
     if set(models) - {"sst2", "digits"} or set(order) - {"on", "off"} or len(set(order)) < len(order):
         raise SystemExit("--models takes sst2 and digits, --arms takes on and off (each once)")
     with tempfile.TemporaryDirectory() as tmp:
-        packages = {}
-        for label in models:
-            registry = args.registry if label == "sst2" else str(Path(tmp) / "registry")
-            pkg = sst2_package(args.checkpoint, registry) if label == "sst2" else digits_package(registry)
-            packages[label] = served(label, pkg, registry, Path(tmp))
-            print(f"{label}: {pkg.ref}, {len(packages[label].rows)} request rows", flush=True)
+        served_packages = packages(models, args.checkpoint, args.registry, Path(tmp))
         # HAProxy as the service runs it. A deleted replica waits out HAProxy's 30 s drain period, meant for
         # live traffic: the arms are deleted idle, so 1 s will do (teardown only; the data path is unchanged).
         os.environ.update(ingress_env("haproxy") | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})
@@ -422,24 +292,12 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port},
                     logging_config={"log_level": "WARNING", "enable_access_log": False})
         arms = {label: [serve_round(m, f"http://127.0.0.1:{port}", order[::-1] if i % 2 else order, levels, args.seconds)
-                        for i in range(args.rounds)] for label, m in packages.items()}
+                        for i in range(args.rounds)] for label, m in served_packages.items()}
         serve.shutdown()
         ray.shutdown()
         served_s = time.perf_counter() - began
         summary = {label: {c: summarize(rounds, c) for c in levels} for label, rounds in arms.items()}
-        iso = {}
-        for label, m in packages.items() if args.isolation_seconds > 0 else ():
-            lane = lane_for(m)
-            iso[label] = {"batch32": batch32(m, lane, args.isolation_seconds), "levels": {}}
-            for c, s in summary[label].items():
-                arm = "off" if "qps_off" in s else "on"
-                y = per_request(m, lane, s[f"qps_{arm}"], s[f"mean_batch_{arm}"])
-                # A closed loop on saturated cores: the CPU added per request comes out of every request's share.
-                y["predicted_ratio"] = 1 - 1e-3 * y["added_us_per_req"] / (s[f"cpu_ms_per_req_{arm}"] +
-                                                                            s[f"loadgen_ms_per_req_{arm}"])
-                iso[label]["levels"][c] = y
-            lane.close()
-    report(summary, iso, args.seconds, args.rounds)
+    report(summary, args.seconds, args.rounds)
     for label, rounds in arms.items():
         if "on" in order and not all(x["monitor"]["on"]["instances"] for x in rounds):
             print(f"WARNING: {label}, monitoring on: the controller counted no instances (no reference profile?)")
@@ -452,8 +310,8 @@ def main() -> None:
     (RESULTS / "monitoring_overhead.json").write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": machine(), "bound": BOUND, "verdict": verdict,
         "settings": {"models": models, "arm_order": order, "rounds": args.rounds, "concurrency": levels, "seconds": args.seconds,
-                     "isolation_seconds": args.isolation_seconds, "packages": {k: m.package.ref for k, m in packages.items()}},
-        "summary": summary, "rounds": arms, "parts": iso, "wall_s": wall}, indent=2, default=str))
+                     "packages": {k: m.package.ref for k, m in served_packages.items()}},
+        "summary": summary, "rounds": arms, "wall_s": wall}, indent=2, default=str))
     print(f"wrote {RESULTS / 'monitoring_overhead.json'}")
 
 
