@@ -97,7 +97,7 @@ def local_config(folder: Path, sd_file: Path, interval: str = "15s") -> Path:
     its own) and the scrape and rule evaluation interval; written to folder/prometheus.yaml, its rule files
     named by absolute path."""
     raw = yaml.safe_load(LOCAL_CONFIG.read_text())
-    raw["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
+    raw["global"] = {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval}
     raw["rule_files"] = [str(LOCAL_CONFIG.parent / f) for f in raw["rule_files"]]
     (job,) = raw["scrape_configs"]
     job["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": interval}]

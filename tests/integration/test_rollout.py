@@ -5,7 +5,8 @@ decision is in `registry show`.
 
 The registry holds the digits CNN four times: v1 the champion, v2 the same model (a good candidate),
 v3 whose ONNX graph gives NaN for inputs whose last pixel is lit (1 request in 10 here), and v4
-whose graph does ~130 MB of extra matrix work per call (same answers, slower). Policies are the
+whose graph does 64 extra 2048-wide matrix products per row (about 0.5 GFLOP: same answers, at least ten
+times slower, so that the p99 ratio stays far above its bound on a busy machine). Policies are the
 defaults with short holds and small sample counts.
 """
 
@@ -74,7 +75,7 @@ def nan_on_last_pixel(graph) -> None:
                    "nan_or_zero")
 
 
-def extra_work(graph, width: int = 2048, layers: int = 8) -> None:
+def extra_work(graph, width: int = 2048, layers: int = 64) -> None:
     from onnx import helper
 
     nodes = [helper.make_node("MatMul", ["flat", "w_in"], ["h0"])]
@@ -176,7 +177,7 @@ def test_a_candidate_that_errors_on_some_inputs_is_rolled_back_by_the_error_guar
 
 def test_a_slower_candidate_is_rolled_back_by_the_latency_guard(service):
     final, answers, after, _ = roll_out(service, "digits:4")
-    assert final["phase"] == "rolled_back", final
+    assert final["phase"] == "rolled_back", json.dumps(final, indent=1)
     latency = next(g for g in final["guards"] if g["name"] == "latency")
     assert latency["status"] == "fail" and latency["value"] > 2.0, final["guards"]
     assert [a[:4] for a in answers if a[2] != 200] == []  # slow, never wrong
