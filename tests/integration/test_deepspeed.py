@@ -13,7 +13,7 @@ from model_registry.export import ExportJob, export
 from tests.conftest import assert_checkpoint_reproduces_reported_metrics, tiny_text_job
 from trainers.run import train
 
-pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # run by `make test-heavy` (CI runs it after `make test`)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

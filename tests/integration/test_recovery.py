@@ -17,7 +17,7 @@ from trainers.config import load_job
 from trainers.recovery import FAULT_ENV
 from trainers.run import train
 
-pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # run by `make test-heavy` (CI runs it after `make test`)
 
 DIGITS = REPO / "ray_apps" / "configs" / "digits_cnn.yaml"
 

@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow  # `make test-fast` skips it; `make test` runs it
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # run by `make test-heavy` (CI runs it after `make test`)
 
 DIGITS = REPO / "ray_apps" / "configs" / "digits_cnn.yaml"
 GOOD_LR, BAD_LR = 0.005, 0.00001  # after one epoch: ~0.8 vs ~0.1 validation accuracy
