@@ -80,11 +80,16 @@ def run(args: argparse.Namespace) -> int:
 
     job = reproduce_job(args.registry, args.reproduce, args.overrides) if args.reproduce else \
         load_job(args.config, args.overrides)
-    summary = train(job, dry_run=args.dry_run, restart=args.restart)
+    import psutil
+
+    # run.time_budget_min counts from the command's start: interpreter start-up and imports included.
+    summary = train(job, dry_run=args.dry_run, restart=args.restart, started_at=psutil.Process().create_time())
     if args.dry_run:
         return 0
     metric = job.checkpoint.metric
-    print(f"done: {summary.job} epochs {summary.epochs_completed}  best {metric} {summary.best_value(metric):.4f}  "
+    ended = f" (ended by {summary.ended_by.replace('_', ' ')})" if summary.ended_by else ""
+    print(f"done: {summary.job} epochs {summary.epochs_completed}{ended}  step {summary.global_step}  "
+          f"best {metric} {summary.best_value(metric):.4f}  "
           f"wall {summary.wall_seconds or 0:.0f}s\n  best checkpoint: {summary.best_checkpoint}\n"
           f"  summary: {summary.run_dir}/result.json")
     write_json_out(args.json_out, summary)

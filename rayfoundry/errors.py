@@ -71,7 +71,8 @@ def describe_validation_error(error: Any, source: str | None = None, *, as_flags
     option (`--max-int8-drop`) for models built from CLI arguments."""
     errors: Sequence[dict[str, Any]] = error.errors() if hasattr(error, "errors") else error
     first = errors[0]
-    parts = [str(p) for p in first["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    parts = [str(p) for p in first["loc"]  # not the names pydantic gives a union's members
+             if not str(p).startswith(("function-after", "tagged-union", "constrained-", "literal["))]
     parts = [p for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] in UNION_SECTIONS and i + 1 < len(parts))]
     loc = ".".join(parts)
     if as_flags and loc:

@@ -7,6 +7,7 @@ whose message is one line naming the file, the field and the problem.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -59,6 +60,10 @@ class DataSection(Section):
     )
     shuffle_buffer: int = Field(
         2048, ge=0, description="Rows in each worker's local shuffle buffer; 0 disables shuffling."
+    )
+    group_by_length: bool = Field(
+        False, description="Text: batch rows of similar token length (sorted within windows of 50 batches, the "
+        "batches then drawn in a seeded order), so batches carry little padding; validation is sorted too."
     )
 
     def resolved_format(self, path: str) -> str:
@@ -124,14 +129,19 @@ class OptimSection(Section):
         "linear", description="transformers.get_scheduler schedule after warm-up."
     )
     warmup_fraction: float = Field(0.06, ge=0, lt=1, description="Share of all optimizer steps spent warming up.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 enables torch.autocast in forward passes.")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16 runs forward passes under torch.autocast (weights and optimizer stay fp32); auto "
+        "picks bf16 on a CUDA device with bf16 and on a CPU with AMX or AVX-512 BF16, else fp32, and prints why.")
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (processes) in the DDP group.")
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        2, description="Ray Train workers (processes) in the DDP group; auto: one per GPU when the run uses "
+        "GPUs, one per node on several CPU nodes, one using every core on a single CPU node (the choice is printed).")
     use_gpu: bool | Literal["auto"] = Field("auto", description="One GPU per worker; auto uses GPUs when the cluster has them.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker; leave CPUs free for Ray Data.")
-    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker.")
+    threads_per_worker: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="torch intra-op threads in each worker; auto: the node's CPUs over its workers.")
 
 
 class DDPStrategy(Section):
@@ -207,7 +217,14 @@ class RunSection(Section):
         description="Run name; re-running the same name resumes it. Unset means the config file's name.",
     )
     storage_path: str = Field("runs", description="Where run directories and checkpoints go (local path or URI).")
-    epochs: int = Field(5, ge=1, description="Passes over the training data.")
+    epochs: int = Field(5, ge=1, description="Passes over the training data (at most).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps if fewer than the "
+                                  "epochs take; the learning-rate schedule is laid out over them.")
+    time_budget_min: float | None = Field(
+        None, gt=0, le=10_080, description="Wall-time budget in minutes from the command's start: the first steps "
+        "are timed and the learning-rate schedule is laid out over the steps that fit, less the validations and "
+        "checkpoints to come, so the run ends, validated and checkpointed, within it (or when the epochs or "
+        "max_steps end, if sooner).")
     seed: int = Field(0, ge=0, description="Seeds every RNG and the train/validation split.")
 
 
@@ -249,11 +266,14 @@ class TrainJob(Section):
             raise ValueError("data.text_column is required for model.type text")
         if m.type != "text" and d.text_column:
             raise ValueError(f"data.text_column is set but model.type {m.type} takes numeric features")
+        if m.type != "text" and d.group_by_length:
+            raise ValueError(f"data.group_by_length groups text by token length; model.type {m.type} has no text")
         if m.type == "text" and d.train_path.startswith("sklearn:"):
             raise ValueError(f"{d.train_path} has no text; use model.type cnn or mlp")
         if m.type == "cnn" and d.feature_columns is not None and len(d.feature_columns) != 64:
             raise ValueError(f"model.type cnn takes 64 features (8x8); data.feature_columns has {len(d.feature_columns)}")
-        per_step = self.scaling.num_workers * self.optim.grad_accum_steps
+        per_step = self.scaling.num_workers * self.optim.grad_accum_steps if self.scaling.num_workers != "auto" else \
+            self.optim.grad_accum_steps  # auto: checked again once the run has chosen
         if self.optim.batch_size % per_step:
             raise ValueError(
                 f"optim.batch_size {self.optim.batch_size} must divide evenly over "
@@ -263,8 +283,21 @@ class TrainJob(Section):
 
     @property
     def micro_batch_size(self) -> int:
-        """Rows per worker per forward pass, derived from the global batch."""
+        """Rows per worker per forward pass, derived from the global batch (scaling resolved: no auto)."""
+        if self.scaling.num_workers == "auto":
+            raise ConfigError("scaling.num_workers is auto: resolve it on the cluster first (trainers/hardware.py)")
         return self.optim.batch_size // (self.scaling.num_workers * self.optim.grad_accum_steps)
+
+    def scaled(self, choice) -> TrainJob:
+        """This job with its scaling as `choice` (a hardware.ScalingChoice) resolved it; a global batch
+        that does not divide over the chosen workers is a ConfigError naming the choice."""
+        raw = json.loads(self.model_dump_json())
+        raw["scaling"] |= {"num_workers": choice.num_workers, "threads_per_worker": choice.threads_per_worker,
+                           "use_gpu": choice.use_gpu}
+        try:
+            return TrainJob.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(describe_validation_error(e, f"scaling ({choice.reason})")) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ a streaming Ray Data pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from rayfoundry.errors import DataError
 
-__all__ = ["DataError", "FieldSpec", "SourceStats", "collate", "encode_batch", "split_mask", "where"]
+__all__ = ["DataError", "FieldSpec", "SourceStats", "collate", "encode_batch", "length_grouped", "split_mask", "where"]
 
 PROVENANCE = ("_file", "_line", "_error")
 
@@ -238,3 +239,21 @@ def collate(batch: dict[str, np.ndarray], pad_id: int = 0) -> dict[str, torch.Te
     else:
         out["features"] = torch.tensor(np.asarray(batch["features"]), dtype=torch.float32)
     return out
+
+
+def length_grouped(windows: Iterable[dict[str, np.ndarray]], batch_size: int, pad_id: int = 0,
+                   seed: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of rows of similar token length (data.group_by_length): each window of rows (several
+    batches' worth, already shuffled) is sorted by length, cut into batches, and the batches are put
+    in an order drawn from `seed` (window by window), so each batch pads little and no run of batches
+    is all short or all long. A pure function of the windows and the seed: the same epoch gives the
+    same batches again, which is what resuming from an epoch's start relies on. seed None keeps the
+    sorted order (validation, where order does not matter)."""
+    for w, window in enumerate(windows):
+        order = np.argsort(np.fromiter((len(s) for s in window["input_ids"]), dtype=np.int64), kind="stable")
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if seed is not None:
+            rng = np.random.default_rng([*seed, w])
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        for rows in chunks:
+            yield collate({k: np.asarray(v)[rows] for k, v in window.items()}, pad_id)

@@ -44,12 +44,14 @@ def _with_last(items: Iterable) -> Iterator[tuple[bool, Any]]:
 
 def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: torch.device,
                 precision: str = "fp32", max_steps: int | None = None,
-                on_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+                on_step: Callable[[dict[str, float]], None] | None = None,
+                stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """One pass: forward, backward, and an optimizer step every `accum_steps` micro-batches.
 
     Gradients of the micro-batches between steps are not synchronized (DDP no_sync); the last
     micro-batch of the epoch always steps so no gradient is carried into the next epoch.
-    `on_step`, when given, is called after every optimizer step with this worker's running totals.
+    `on_step`, when given, is called after every optimizer step with this worker's running totals;
+    `stop`, after it, ends the epoch when it returns True (the run's plan of steps is done).
     Returns the loss sum, rows seen, optimizer steps, wall seconds and the seconds spent waiting for
     the next batch (input-pipeline stalls) on this worker.
     """
@@ -72,7 +74,7 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
             micro = 0
             if on_step is not None:
                 on_step({"steps": steps, "rows": rows, "loss": loss_sum / rows, "seconds": time.perf_counter() - start})
-            if max_steps is not None and steps >= max_steps:
+            if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
                 break
         waited_from = time.perf_counter()
     return {"train_loss_sum": loss_sum, "train_rows": rows, "steps": steps,

@@ -13,7 +13,9 @@ from rayfoundry.ray_env import connect_ray
 from tracking.fingerprint import changed_sources, fingerprint_data
 from tracking.records import DataFingerprint, Lineage, TrackingRef
 from tracking.tracker import Tracker, build_lineage, flatten, lineage_tags
+from trainers.budget import SKIPPED_STEPS, WARMUP_STEPS, initial_plan
 from trainers.config import TrainJob
+from trainers.hardware import NodeShape, resolve_scaling
 from trainers.summary import CONFIG_FILE, RESULT_FILE, RunSummary, parse_summary
 
 LINEAGE_FILE = "data_fingerprint.json"  # the data a run directory was started on
@@ -69,8 +71,10 @@ def open_tracking(job: TrainJob, out_dir: str, tracked_by: TrackingRef | None, l
 
 
 def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=print, callbacks: list | None = None,
-          init_checkpoint: str | None = None, quiet: bool = False, tracked_by: TrackingRef | None = None) -> RunSummary:
-    """Run (or resume) the job and return its summary (also written to result.json).
+          init_checkpoint: str | None = None, quiet: bool = False, tracked_by: TrackingRef | None = None,
+          started_at: float | None = None) -> RunSummary:
+    """Run (or resume) the job and return its summary (also written to result.json). `started_at` (a
+    time.time()) is when the command started, which run.time_budget_min counts from; unset: now.
 
     For Tune trials: `callbacks` are extra Train callbacks (the trial's report relay), `init_checkpoint`
     a checkpoint the run starts from when it has none of its own, `quiet` drops the per-epoch lines,
@@ -84,6 +88,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     from trainers.recovery import FailureLog, count_failures, fault_from_env, new_run_id
     from trainers.worker import train_loop_per_worker
 
+    started_at = time.time() if started_at is None else started_at
     check_local_paths(job.data)  # a bad path is an error even for a run that already finished
     out_dir = run_dir(job)
     result_path = storage.join(out_dir, RESULT_FILE)
@@ -94,6 +99,10 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         text = storage.read_text(result_path)
         previous = parse_summary(text) if text is not None else None
         check_same_config(job, out_dir, previous)
+    if previous and previous.ended_by in ("max_steps", "time_budget"):
+        log(f"{job.run.name} already finished: its {previous.ended_by.replace('_', ' ')} ended it at step "
+            f"{previous.global_step}; --restart trains again")
+        return previous
     if previous and (previous.epochs_completed or 0) >= job.run.epochs:
         log(f"{job.run.name} already finished {previous.epochs_completed} epochs; "
             f"--restart trains again, --set run.epochs=N continues")
@@ -105,6 +114,11 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     connect_ray()
     quiet_ray_data()
     started = time.time()
+    written, choice = job, resolve_scaling(job.scaling, [
+        NodeShape(cpus=n["Resources"].get("CPU", 0), gpus=n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]])
+    job = job.scaled(choice)  # what runs; job.json keeps what was written (auto stays auto on a rerun)
+    if "auto" in (written.scaling.num_workers, written.scaling.threads_per_worker):
+        log(f"scaling: {choice.reason}")
     warming = None if dry_run or tracked_by else Tracker.warm_up(job.tracking, storage_path=job.run.storage_path,
                                                                   run_dir=out_dir)
     tokenizer_path = (job.model.pretrained_path or default_text_model_dir()) if job.model.type == "text" else None
@@ -112,34 +126,40 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     world = 1 if dry_run else job.scaling.num_workers
     batches_per_worker = math.ceil((data.train_rows // world) / job.micro_batch_size)
     steps_per_epoch = math.ceil(batches_per_worker / job.optim.grad_accum_steps)
+    plan = initial_plan(steps_per_epoch, job.run.epochs, job.run.max_steps)
     skipped = f", skipped {data.skipped_rows} bad rows" if data.skipped_rows else ""
     log(f"data: {data.train_rows} train / {data.val_rows} validation rows, {len(data.labels)} labels{skipped}; "
         f"{world} worker(s) x batch {job.micro_batch_size} x accum {job.optim.grad_accum_steps}, "
-        f"{steps_per_epoch} steps/epoch")
+        f"{steps_per_epoch} steps/epoch; plan {plan.total} steps ({plan.ended_by.replace('_', ' ')})")
+    deadline = None
+    if job.run.time_budget_min is not None and not dry_run:
+        deadline = started_at + 60 * job.run.time_budget_min
+        log(f"time budget {job.run.time_budget_min:g} min from the command's start ({deadline - time.time():.0f} s "
+            f"left): the plan is set after the first {SKIPPED_STEPS + WARMUP_STEPS} steps are timed")
 
     tracker, lineage = Tracker(None), None
     if not dry_run:  # the data checked out: from here on the run directory belongs to this config
-        storage.write_text(storage.join(out_dir, CONFIG_FILE), job.model_dump_json(indent=2))
+        storage.write_text(storage.join(out_dir, CONFIG_FILE), written.model_dump_json(indent=2))
         if warming is not None:
             warming.join()
-        tracker, lineage = open_tracking(job, out_dir, tracked_by, log)
+        tracker, lineage = open_tracking(written, out_dir, tracked_by, log)
     run_id = new_run_id()
-    use_gpu = job.scaling.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = choice.use_gpu
     resources = {"CPU": job.scaling.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": json.loads(job.model_dump_json()), "labels": data.labels, "num_features": data.num_features,
             "feature_columns": list(data.feature_columns) if data.feature_columns else None,
-            "feature_moments": data.feature_moments, "total_steps": steps_per_epoch * job.run.epochs,
+            "feature_moments": data.feature_moments, "total_steps": plan.total, "plan": plan.model_dump(),
+            "deadline": deadline, "val_rows": data.val_rows,
             "steps_per_epoch": steps_per_epoch, "run_dir": out_dir, "fault": fault_from_env(),
             "dry_run": dry_run, "init_checkpoint": init_checkpoint, "quiet": quiet,
             "lineage": lineage.model_dump(mode="json") if lineage else None,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=0 if dry_run else world, use_gpu=bool(use_gpu), resources_per_worker=resources),
+            num_workers=0 if dry_run else world, use_gpu=bool(use_gpu), resources_per_worker=resources,
+            placement_strategy="STRICT_SPREAD" if choice.spread and not dry_run else "PACK"),
         run_config=ray.train.RunConfig(
             name=job.run.name, storage_path=storage.resolve(job.run.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -168,12 +188,13 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     summary = RunSummary(
         job=job.run.name, run_dir=out_dir, run_id=run_id, restarts=count_failures(out_dir, run_id),
         epochs_completed=metrics.get("epoch"), global_step=metrics.get("global_step"),
+        ended_by=metrics.get("ended_by"), planned_steps=metrics.get("planned_steps"),
         final_metrics=metrics, best_metrics=best_metrics, best_checkpoint=best_ckpt,
         latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
         use_gpu=bool(use_gpu), num_workers=world, init_checkpoint=init_checkpoint,
         labels=data.labels, train_rows=data.train_rows, val_rows=data.val_rows,
         skipped_rows=data.skipped_rows, wall_seconds=round(time.time() - started, 2),
-        samples_per_s=metrics.get("train_samples_per_s"), config=json.loads(job.model_dump_json()), lineage=lineage,
+        samples_per_s=metrics.get("train_samples_per_s"), config=json.loads(written.model_dump_json()), lineage=lineage,
     )
     storage.write_text(result_path, summary.model_dump_json(indent=2))
     tracker.log_metrics({f"best_{k}": v for k, v in best_metrics.items() if k.startswith("val_")}

@@ -70,6 +70,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any, total_step
     return get_scheduler(optim_cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
 
 
+def relayout_schedule(engine: Any, optim_cfg: Any, total_steps: int) -> None:
+    """Lay the learning-rate schedule out again over `total_steps`, continuing from the engine's current
+    step (a time budget's plan, or the plan a resumed run stored): warm-up and decay as the job says,
+    ending at the plan's last step. Peak learning rates stay those of the optimizer's groups."""
+    import warnings
+
+    from transformers import get_scheduler
+
+    warmup = int(round(optim_cfg.warmup_fraction * total_steps))
+    with warnings.catch_warnings():  # stepping a fresh scheduler to the current step: not an optimizer misuse
+        warnings.simplefilter("ignore", UserWarning)
+        # the torch optimizer the current schedule drives (DeepSpeed's engine.optimizer wraps it)
+        scheduler = get_scheduler(optim_cfg.scheduler, engine.scheduler.optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=max(total_steps, 1))
+        scheduler.last_epoch = engine.global_step - 1
+        scheduler.step()
+    engine.scheduler = scheduler
+    if hasattr(engine.model, "lr_scheduler"):  # DeepSpeed steps the scheduler it holds
+        engine.model.lr_scheduler = scheduler
+
+
 def apply_hyperparameters(engine: Any, optim_cfg: Any) -> None:
     """Make a restored engine follow this job's lr and weight decay (a PBT clone continues another
     trial's optimizer state with mutated values). The schedule keeps its position; its peak becomes
@@ -263,11 +284,24 @@ def build_engine(model: nn.Module, job: Any, total_steps: int, distributed: bool
                                       device=device, fresh_model=fresh_model)
 
 
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agree_min(values: list[float]) -> list[float]:
+    """Each value's minimum over the workers (itself in a single process): one collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.cpu().tolist()
+
+
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sum each tensor over the workers (a no-op in a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensors
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = _collective_device()
     out = {}
     for k, v in tensors.items():
         t = v.to(device)

@@ -28,8 +28,13 @@ class RunSummary(BaseModel):
     run_dir: str | None = Field(None, description="<storage_path>/<name>: checkpoints, failures, this file.")
     run_id: str | None = Field(None, description="Id of the driver invocation that finished the run.")
     restarts: int = Field(0, description="Worker-group failures Ray Train recovered from in that invocation.")
-    epochs_completed: int | None = None
+    epochs_completed: int | None = Field(None, description="The last epoch trained (in part, when the run ended "
+                                         "by max_steps or its time budget).")
     global_step: int | None = None
+    ended_by: Literal["epochs", "max_steps", "time_budget"] | None = Field(
+        None, description="What ended the run: its epochs, run.max_steps, or run.time_budget_min.")
+    planned_steps: int | None = Field(None, description="The optimizer steps the run was planned for (its "
+                                      "learning-rate schedule ends there).")
     final_metrics: dict[str, Any] = Field(default_factory=dict, description="The last epoch's report (metrics, resume notes).")
     best_metrics: dict[str, Any] = Field(default_factory=dict, description="The best checkpoint's report.")
     best_checkpoint: str | None = Field(None, description="Best checkpoint by checkpoint.metric.")

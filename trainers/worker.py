@@ -21,15 +21,19 @@ import torch
 import yaml
 
 from rayfoundry.ray_env import quiet_ray_data_console
+from trainers.budget import BudgetClock, StepPlan
 from trainers.checkpoint import save_checkpoint
 from trainers.config import TrainJob
+from trainers.data import length_grouped
+from trainers.hardware import resolve_precision
 from trainers.loop import classification_metrics, evaluate, train_epoch
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.ray_data import PadCollate
 from trainers.recovery import InjectedExit, resume
-from trainers.strategy import all_reduce_sum, apply_hyperparameters, build_engine
+from trainers.strategy import agree_min, all_reduce_sum, apply_hyperparameters, build_engine, relayout_schedule
 
 EVAL_BATCH = 256
+GROUP_WINDOW = 50  # data.group_by_length sorts windows of this many batches by length
 
 
 def seed_everything(seed: int) -> None:
@@ -75,11 +79,25 @@ class ProgressLine:
                   f"samples/s {s['rows'] * self.world / s['seconds']:.0f}", flush=True)
 
 
-def _step_hooks(epoch: int, epochs: int, config: dict[str, Any], rank: int, world: int):
+def _step_hooks(epoch: int, epochs: int, config: dict[str, Any], rank: int, world: int, engine, clock):
     hooks = [InjectedExit(config["fault"], rank, epoch)] if config["fault"] else []
     if rank == 0:
         hooks.append(ProgressLine(epoch, epochs, config["steps_per_epoch"], world))
+    if clock is not None:
+        hooks.append(lambda s: clock(engine.global_step))
     return (lambda s: [h(s) for h in hooks]) if hooks else None
+
+
+def _budget_clock(job: TrainJob, config: dict[str, Any], plan: StepPlan, engine, rank: int, world: int):
+    """The time budget's step hook (None without a budget, or once the plan was timed: a resumed run
+    finishes the plan it stored)."""
+    if not config.get("deadline") or plan.timed or config["dry_run"]:
+        return None
+    return BudgetClock(plan, deadline=config["deadline"], budget_s=job.run.time_budget_min * 60, cap=plan.total,
+                       steps_per_epoch=config["steps_per_epoch"], eval_rows=-(-config["val_rows"] // world),
+                       rows_per_step=job.micro_batch_size * job.optim.grad_accum_steps, agree=agree_min,
+                       relayout=lambda total: relayout_schedule(engine, job.optim, total),
+                       log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -98,13 +116,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config["feature_moments"] and getattr(job.model, "standardize", False):
         mean, std = config["feature_moments"]
         model.mean.copy_(torch.tensor(mean)), model.std.copy_(torch.tensor(std))
-    engine = build_engine(model, job, config["total_steps"], distributed=world > 1, device=device,
+    precision, why = resolve_precision(job.optim.precision, device)
+    if rank == 0 and not config.get("quiet"):
+        print(f"precision: {precision} ({why}); device: {device}", flush=True)
+    engine = build_engine(model, job.model_copy(update={"optim": job.optim.model_copy(update={"precision": precision})}),
+                          config["total_steps"], distributed=world > 1, device=device,
                           fresh_model=lambda: build_model(job.model, labels, config["num_features"]))
     tokenizer = load_tokenizer(job.model) if job.model.type == "text" else None
     own_config = None if job.model.type == "text" else model_config(job.model, len(labels), config["num_features"], labels)
     seed_everything(job.run.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
 
-    start_epoch, history, resumed = 1, [], {}
+    start_epoch, history, resumed, plan = 1, [], {}, StepPlan.model_validate(config["plan"])
     if not dry_run:
         state, skipped = resume(engine, rank, config["run_dir"], config.get("init_checkpoint"))
         for note in skipped if rank == 0 else []:
@@ -112,6 +134,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state is not None:
             start_epoch, history = state["epoch"] + 1, state["history"]
             resumed = {"resumed_from": state["resumed_from"], "skipped_checkpoints": skipped}
+            stored = StepPlan.model_validate(state["plan"]) if state.get("plan") else None
+            if stored is not None and stored.timed and not state["from_init"]:  # laid out over its time budget
+                plan = stored
+                relayout_schedule(engine, job.optim, plan.total)
+            if state.get("ended_by") in ("max_steps", "time_budget"):  # it had ended: its last report, no training
+                ray.train.report(history[-1])
+                return
             if state["from_init"]:  # another run's state, this job's hyperparameters (PBT exploit)
                 apply_hyperparameters(engine, job.optim)
             if rank == 0:  # checkpoints are taken at epoch ends: a failed epoch restarts from its beginning
@@ -124,20 +153,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     label_map = {"labels": labels, "label_column": job.data.label_column, "text_column": job.data.text_column,
                  "feature_columns": config["feature_columns"]}
 
+    clock = _budget_clock(job, config, plan, engine, rank, world)
+
+    def planned() -> StepPlan:
+        return clock.plan if clock is not None else plan
+
     for epoch in range(start_epoch, job.run.epochs + 1):
         t0 = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=job.micro_batch_size, collate_fn=collate_fn,
-            local_shuffle_buffer_size=job.data.shuffle_buffer or None,
-            local_shuffle_seed=job.run.seed * 100_003 + epoch * 101 + rank if job.data.shuffle_buffer else None,
-        )
+        if clock is not None:
+            clock.epoch_started()
+        shuffle = {"local_shuffle_buffer_size": job.data.shuffle_buffer or None,
+                   "local_shuffle_seed": job.run.seed * 100_003 + epoch * 101 + rank if job.data.shuffle_buffer else None}
+        if job.data.group_by_length:
+            windows = train_shard.iter_batches(batch_size=job.micro_batch_size * GROUP_WINDOW, batch_format="numpy",
+                                               **shuffle)
+            batches = length_grouped(windows, job.micro_batch_size, pad_id, seed=(job.run.seed, epoch, rank))
+        else:
+            batches = train_shard.iter_torch_batches(batch_size=job.micro_batch_size, collate_fn=collate_fn, **shuffle)
         stats = train_epoch(engine, batches, accum_steps=job.optim.grad_accum_steps, device=device,
-                            precision=job.optim.precision, max_steps=2 if dry_run else None,
-                            on_step=_step_hooks(epoch, job.run.epochs, config, rank, world))
+                            precision=precision, max_steps=2 if dry_run else None,
+                            on_step=_step_hooks(epoch, job.run.epochs, config, rank, world, engine, clock),
+                            stop=lambda: engine.global_step >= planned().total)
+        ended_by = planned().ended_by if engine.global_step >= planned().total else \
+            "epochs" if epoch == job.run.epochs else None
+        trained = time.perf_counter()
         # Validation is not split by Ray: every worker reads it and scores every world-th batch.
-        val_batches = (b for i, b in enumerate(val_shard.iter_torch_batches(batch_size=EVAL_BATCH, collate_fn=collate_fn))
-                       if i % world == rank and not (dry_run and i >= 2 * world))
-        sums = evaluate(engine.eval_model(), val_batches, len(labels), device, job.optim.precision)
+        if job.data.group_by_length:
+            scored = length_grouped(val_shard.iter_batches(batch_size=EVAL_BATCH * 8, batch_format="numpy"),
+                                    EVAL_BATCH, pad_id)
+        else:
+            scored = val_shard.iter_torch_batches(batch_size=EVAL_BATCH, collate_fn=collate_fn)
+        val_batches = (b for i, b in enumerate(scored) if i % world == rank and not (dry_run and i >= 2 * world))
+        sums = evaluate(engine.eval_model(), val_batches, len(labels), device, precision)
         sums |= {"train_loss_sum": torch.tensor(stats["train_loss_sum"], dtype=torch.float64),
                  "train_rows": torch.tensor(stats["train_rows"], dtype=torch.float64)}
         sums = all_reduce_sum(sums)
@@ -148,11 +195,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_rows": int(train_rows), "train_seconds": stats["seconds"],
             "data_wait_seconds": stats["data_wait_seconds"],
             "train_samples_per_s": train_rows / max(stats["seconds"], 1e-9),
-            "epoch_seconds": time.perf_counter() - t0,
-        } | resumed
+            "epoch_seconds": time.perf_counter() - t0, "lr": engine.scheduler.get_last_lr()[0],
+            "planned_steps": planned().total, "precision": precision,
+        } | resumed | ({"ended_by": ended_by} if ended_by else {})
         history.append(metrics)
         if rank == 0 and not config.get("quiet"):
             print(format_epoch(epoch, job.run.epochs, metrics), flush=True)
+            if ended_by in ("max_steps", "time_budget"):
+                print(f"the plan of {planned().total} steps is done ({ended_by.replace('_', ' ')}): stopped in epoch "
+                      f"{epoch} at learning rate {metrics['lr']:.2g}", flush=True)
         if dry_run:
             ray.train.report(metrics)
             break
@@ -160,7 +211,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_checkpoint(Path(tmp), rank=rank, engine=engine, own_config=own_config, tokenizer=tokenizer,
                             label_map=label_map,
                             trainer_state={"epoch": epoch, "history": history, "world_size": world,
-                                           "lineage": config.get("lineage")},
+                                           "lineage": config.get("lineage"), "plan": planned().model_dump(),
+                                           "ended_by": ended_by},
                             job_yaml=yaml.safe_dump(json.loads(job.model_dump_json()), sort_keys=False))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if clock is not None:
+            clock.epoch_ended(time.perf_counter() - trained)
+        if ended_by is not None:
+            break

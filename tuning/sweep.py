@@ -43,6 +43,9 @@ SPEC_FILE = "rayfoundry_tune.json"
 
 def concurrency(spec: TuneJob, scaling, resources: dict[str, float]) -> tuple[int, str]:
     """(trials at once, the arithmetic that gave it) for this cluster."""
+    if scaling.num_workers == "auto":
+        raise SweepError("scaling.num_workers: auto gives one run a whole node or every GPU, and a sweep's trials share "
+                         "the cluster; set a number (e.g. 1)")
     per_trial = scaling.num_workers * scaling.cpus_per_worker + DRIVER_CPU
     cpus = resources.get("CPU", 0.0)
     usable = cpus - spec.reserve_cpus

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2/3 with 2 CPU workers (DeepSpeed's CPU accelerator, gloo): the consolidated
 checkpoint is a plain Hugging Face model that exports to ONNX, and the sharded engine state resumes a
-run."""
+run. The ZeRO-3 run has a time budget that ends it before its epochs do."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # run by `make test-heavy` (
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_consolidates_and_exports(ray_cluster, shared_data, tmp_path, stage):
     job = tiny_text_job(shared_data, tmp_path, f"zero{stage}", {"name": "deepspeed", "zero_stage": stage}, epochs=1)
+    if stage == 3:  # a time budget that binds: the schedule DeepSpeed steps is laid out again over the plan
+        job.run.epochs, job.run.time_budget_min = 5, 1.5
     summary = train(job)
-    assert summary.epochs_completed == 1
+    if stage == 3:
+        assert summary.ended_by == "time_budget" and summary.global_step == summary.planned_steps, summary
+        assert summary.final_metrics["lr"] == pytest.approx(0.0, abs=1e-9)
+    else:
+        assert summary.epochs_completed == 1 and summary.ended_by == "epochs"
     ckpt = Path(summary.latest_checkpoint)
     assert (ckpt / "deepspeed" / "state").is_dir()  # DeepSpeed's own sharded state, for exact resume
     assert (ckpt / "model.safetensors").is_file()
