@@ -17,7 +17,7 @@ def checkpoint_or_train(path: Path) -> Path:
         return path
     print(f"{path} not found: training a 1-epoch MiniLM on 8,000 SST-2 rows first (~5 min)", flush=True)
     subprocess.run([sys.executable, "-m", "ray_apps", "train", "--config", "ray_apps/configs/sst2_minilm.yaml",
-                    "--set", "data.max_rows=8000", "--set", f"run.name={path.name}",
+                    "--set", "data.max_rows=8000", "--set", "run.epochs=1", "--set", f"run.name={path.name}",
                     "--set", f"run.storage_path={path.parent}"], cwd=REPO, check=True)
     return path
 
