@@ -130,7 +130,9 @@ class ServedMonitoring:
             if r.kind == "feedback":
                 self.live_gauge.set(r.accuracy, tags=tags | {"metric": "accuracy"})
                 self.live_gauge.set(r.macro_f1, tags=tags | {"metric": "macro_f1"})
-                self.live_gauge.set(r.accuracy + r.signals[0].score, tags=tags | {"metric": "reference"})
+                drop = next((sig.score for sig in r.signals if sig.signal == "live_accuracy"), None)  # reference - live
+                if drop is not None:
+                    self.live_gauge.set(r.accuracy + drop, tags=tags | {"metric": "reference"})
             if r.alarm:
                 logger.warning("%s:%s: %s window alarm: %s", self.name, r.version, r.kind,
                                "; ".join(f"{s.signal} {s.score:.3g} (p={s.p_value:.2g})" for s in r.signals if s.alarm))

@@ -83,8 +83,12 @@ def resolve_scaling(scaling, nodes: list[NodeShape]) -> ScalingChoice:
                    "all-reduce per step and no compute)")
     threads = scaling.threads_per_worker
     if threads == "auto":
-        shapes = [n for n in (nodes if use_gpu else cpu_nodes) if not use_gpu or n.gpus >= 1] or cpu_nodes or nodes
-        per_node = min(n.cpus / max(int(n.gpus), 1) if use_gpu else n.cpus for n in shapes) if shapes else 1
-        threads = max(1, int(per_node if spread or use_gpu else per_node // workers))
+        gpu_nodes = [n for n in nodes if n.gpus >= 1]
+        if use_gpu and gpu_nodes:  # a GPU worker gets its share of its node's CPUs
+            per_worker = min(n.cpus / int(n.gpus) for n in gpu_nodes)
+        else:  # one worker per node when spread; else the node's CPUs over its workers
+            cpus = min((n.cpus for n in cpu_nodes or nodes), default=1)
+            per_worker = cpus if spread else cpus / workers
+        threads = max(1, int(per_worker))
     return ScalingChoice(num_workers=workers, threads_per_worker=threads, use_gpu=use_gpu, spread=spread,
                          reason=f"{workers} worker(s) x {threads} thread(s){' on GPUs' if use_gpu else ''}: {why}")
