@@ -124,6 +124,19 @@ def service(pristine, base, tmp_path):
     serve.delete("model-digits")
 
 
+def status(handle) -> dict:
+    """The rollout controller's status. A call that reached a controller the test has just killed fails
+    with RayActorError; the next one goes to its replacement."""
+    import ray
+
+    for _ in range(40):
+        try:
+            return handle.status.remote().result()
+        except ray.exceptions.RayActorError:
+            time.sleep(0.5)
+    return handle.status.remote().result()
+
+
 def roll_out(service, candidate: str, clients: int = 4, during=None, timeout_s: float = 90):
     """Start a rollout under load and wait for its decision: (final status, the load's answers)."""
     base, _, handle = service
@@ -132,10 +145,10 @@ def roll_out(service, candidate: str, clients: int = 4, during=None, timeout_s: 
         handle.start.remote(candidate).result()
         if during is not None:
             during(handle)
-        wait_for(lambda: handle.status.remote().result()["phase"] in DONE, timeout_s, every_s=0.25)
+        wait_for(lambda: status(handle)["phase"] in DONE, timeout_s, every_s=0.25)
         decided = time.perf_counter()
         time.sleep(2)  # the replicas pick up the decision with their next report
-        final = handle.status.remote().result()
+        final = status(handle)
         after = time.perf_counter()
         time.sleep(2)
     return final, load.answers, after, decided
