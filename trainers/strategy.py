@@ -76,14 +76,10 @@ def relayout_schedule(engine: Any, optim_cfg: Any, total_steps: int) -> None:
     ending at the plan's last step. Peak learning rates stay those of the optimizer's groups."""
     import warnings
 
-    from transformers import get_scheduler
-
-    warmup = int(round(optim_cfg.warmup_fraction * total_steps))
     with warnings.catch_warnings():  # stepping a fresh scheduler to the current step: not an optimizer misuse
         warnings.simplefilter("ignore", UserWarning)
         # the torch optimizer the current schedule drives (DeepSpeed's engine.optimizer wraps it)
-        scheduler = get_scheduler(optim_cfg.scheduler, engine.scheduler.optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=max(total_steps, 1))
+        scheduler = build_scheduler(engine.scheduler.optimizer, optim_cfg, total_steps)
         scheduler.last_epoch = engine.global_step - 1
         scheduler.step()
     engine.scheduler = scheduler
