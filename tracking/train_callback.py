@@ -22,7 +22,9 @@ def say(line: str) -> None:
 
 
 class TrainTracking(UserCallback):
-    """On the Train controller: rank 0's report of each epoch, logged at step = epoch."""
+    """On the Train controller: rank 0's report of each epoch, logged at step = epoch, and the epoch's
+    in-epoch checks (run.check_every_steps) as check_* metrics at step = their optimizer step. A report
+    carries the run's checks so far; those of its own epoch are the new ones."""
 
     def __init__(self, ref: TrackingRef):
         self.ref = ref
@@ -34,3 +36,7 @@ class TrainTracking(UserCallback):
         report = metrics[0]
         epoch = report.get("epoch")
         self._tracker.log_metrics(report, step=epoch if isinstance(epoch, int) else 0)
+        for check in report.get("checks", []):
+            if check["epoch"] == epoch:
+                self._tracker.log_metrics({f"check_{k}": v for k, v in check.items() if k.startswith("val_")}
+                                          | {"check_train_seconds": check["train_seconds"]}, step=check["global_step"])

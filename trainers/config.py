@@ -100,6 +100,10 @@ class TextModel(Section):
         "instead of loading pretrained weights; the tokenizer still comes from pretrained_path.",
     )
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's hidden dropout probability.")
+    freeze_embeddings: bool = Field(
+        False, description="Keep the token embedding matrix at its pretrained values: no gradient or optimizer "
+        "state for it (about half of a small encoder's parameters), and words seen only at serving time keep "
+        "embeddings consistent with the trained ones.")
 
 
 class CNNModel(Section):
@@ -225,6 +229,14 @@ class RunSection(Section):
         "are timed and the learning-rate schedule is laid out over the steps that fit, less the validations and "
         "checkpoints to come, so the run ends, validated and checkpointed, within it (or when the epochs or "
         "max_steps end, if sooner).")
+    check_every_steps: int | None = Field(
+        None, ge=1, description="Also validate every N optimizer steps during an epoch, on run.check_rows rows of "
+        "the validation set (a fixed seeded sample); every epoch still ends with a full validation.")
+    check_rows: int | None = Field(
+        2048, ge=1, description="Rows of the fixed sample that in-epoch checks score; null: all validation rows.")
+    stop_at: float | None = Field(
+        None, description="End the run once checkpoint.metric reaches this value at a check or an epoch's "
+        "validation (time to accuracy); a full validation and checkpoint follow.")
     seed: int = Field(0, ge=0, description="Seeds every RNG and the train/validation split.")
 
 
@@ -266,12 +278,19 @@ class TrainJob(Section):
             raise ValueError("data.text_column is required for model.type text")
         if m.type != "text" and d.text_column:
             raise ValueError(f"data.text_column is set but model.type {m.type} takes numeric features")
+        if m.type == "text" and m.freeze_embeddings and m.from_config is not None:
+            raise ValueError("model.freeze_embeddings keeps pretrained embeddings; with model.from_config they are "
+                             "random: unset one of them")
         if m.type != "text" and d.group_by_length:
             raise ValueError(f"data.group_by_length groups text by token length; model.type {m.type} has no text")
         if m.type == "text" and d.train_path.startswith("sklearn:"):
             raise ValueError(f"{d.train_path} has no text; use model.type cnn or mlp")
         if m.type == "cnn" and d.feature_columns is not None and len(d.feature_columns) != 64:
             raise ValueError(f"model.type cnn takes 64 features (8x8); data.feature_columns has {len(d.feature_columns)}")
+        stop, metric = self.run.stop_at, self.checkpoint.metric
+        if stop is not None and not (0 < stop <= 1 if metric != "val_loss" else stop > 0):
+            raise ValueError(f"run.stop_at {stop} is out of range for checkpoint.metric {metric} "
+                             f"({'a value in (0, 1]' if metric != 'val_loss' else 'a loss above 0'})")
         per_step = self.scaling.num_workers * self.optim.grad_accum_steps if self.scaling.num_workers != "auto" else \
             self.optim.grad_accum_steps  # auto: checked again once the run has chosen
         if self.optim.batch_size % per_step:

@@ -52,11 +52,11 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
     micro-batch of the epoch always steps so no gradient is carried into the next epoch.
     `on_step`, when given, is called after every optimizer step with this worker's running totals;
     `stop`, after it, ends the epoch when it returns True (the run's plan of steps is done).
-    Returns the loss sum, rows seen, optimizer steps, wall seconds and the seconds spent waiting for
-    the next batch (input-pipeline stalls) on this worker.
+    Returns the loss sum, rows and text tokens (padding excluded) seen, optimizer steps, wall seconds
+    and the seconds spent waiting for the next batch (input-pipeline stalls) on this worker.
     """
     engine.model.train()
-    loss_sum, rows, steps, micro, data_wait = 0.0, 0, 0, 0, 0.0
+    loss_sum, rows, tokens, steps, micro, data_wait = 0.0, 0, 0, 0, 0, 0.0
     start = waited_from = time.perf_counter()
     for last, batch in _with_last(batches):
         data_wait += time.perf_counter() - waited_from
@@ -68,6 +68,7 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
             engine.backward(loss / accum_steps)
         loss_sum += loss.item() * len(labels)
         rows += len(labels)
+        tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
         if sync:
             engine.step()
             steps += 1
@@ -77,7 +78,7 @@ def train_epoch(engine, batches: Iterable[dict], *, accum_steps: int, device: to
             if (max_steps is not None and steps >= max_steps) or (stop is not None and stop()):
                 break
         waited_from = time.perf_counter()
-    return {"train_loss_sum": loss_sum, "train_rows": rows, "steps": steps,
+    return {"train_loss_sum": loss_sum, "train_rows": rows, "train_tokens": tokens, "steps": steps,
             "seconds": time.perf_counter() - start, "data_wait_seconds": data_wait}
 
 

@@ -100,10 +100,14 @@ def build_model(model_cfg: Any, labels: list[str], num_features: int | None = No
         base.update(model_cfg.from_config)
         base.update(label_kw)
         config = AutoConfig.for_model(base.pop("model_type"), **{k: v for k, v in base.items() if k != "transformers_version"})
-        return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, ignore_mismatched_sizes=True, **label_kw
-    )
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, ignore_mismatched_sizes=True, **label_kw
+        )
+    if model_cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
 
 
 def load_tokenizer(model_cfg: Any):

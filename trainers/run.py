@@ -7,6 +7,8 @@ import json
 import math
 import time
 
+from pydantic import ValidationError
+
 from rayfoundry import storage
 from rayfoundry.errors import ConfigError, DataError
 from rayfoundry.ray_env import connect_ray
@@ -41,6 +43,10 @@ def check_same_config(job: TrainJob, out_dir: str, previous: RunSummary | None) 
     stored = storage.read_json(storage.join(out_dir, CONFIG_FILE)) or (previous.config if previous else None)
     if stored is None:
         return
+    try:  # fields added since the run started take their defaults, which keep the earlier behaviour
+        stored = json.loads(TrainJob.model_validate(stored).model_dump_json())
+    except ValidationError:
+        pass  # a config this version no longer accepts: compared as written
     changes = config_changes(stored, json.loads(job.model_dump_json()))
     if changes:
         more = f" (+{len(changes) - 5} more)" if len(changes) > 5 else ""
@@ -99,7 +105,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         text = storage.read_text(result_path)
         previous = parse_summary(text) if text is not None else None
         check_same_config(job, out_dir, previous)
-    if previous and previous.ended_by in ("max_steps", "time_budget"):
+    if previous and previous.ended_by in ("max_steps", "time_budget", "target"):
         log(f"{job.run.name} already finished: its {previous.ended_by.replace('_', ' ')} ended it at step "
             f"{previous.global_step}; --restart trains again")
         return previous
@@ -189,7 +195,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         job=job.run.name, run_dir=out_dir, run_id=run_id, restarts=count_failures(out_dir, run_id),
         epochs_completed=metrics.get("epoch"), global_step=metrics.get("global_step"),
         ended_by=metrics.get("ended_by"), planned_steps=metrics.get("planned_steps"),
-        final_metrics=metrics, best_metrics=best_metrics, best_checkpoint=best_ckpt,
+        checks=metrics.get("checks", []), final_metrics=metrics, best_metrics=best_metrics, best_checkpoint=best_ckpt,
         latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
         use_gpu=bool(use_gpu), num_workers=world, init_checkpoint=init_checkpoint,
         labels=data.labels, train_rows=data.train_rows, val_rows=data.val_rows,

@@ -17,6 +17,20 @@ RESULT_FILE = "result.json"
 CONFIG_FILE = "job.json"  # the resolved TrainJob a run was started with, written before its first epoch
 
 
+class CheckRecord(BaseModel):
+    """One in-epoch check on the fixed validation sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    global_step: int
+    train_seconds: float = Field(description="Training time since the run's first step, validation excluded.")
+    rows: int = Field(description="Validation rows scored (the fixed sample).")
+    val_loss: float
+    val_accuracy: float
+    val_macro_f1: float
+
+
 class RunSummary(BaseModel):
     """One training run's result; `status` is `dry_run` for `--dry-run`, which writes nothing."""
 
@@ -31,10 +45,12 @@ class RunSummary(BaseModel):
     epochs_completed: int | None = Field(None, description="The last epoch trained (in part, when the run ended "
                                          "by max_steps or its time budget).")
     global_step: int | None = None
-    ended_by: Literal["epochs", "max_steps", "time_budget"] | None = Field(
-        None, description="What ended the run: its epochs, run.max_steps, or run.time_budget_min.")
+    ended_by: Literal["epochs", "max_steps", "time_budget", "target"] | None = Field(
+        None, description="What ended the run: its epochs, run.max_steps, run.time_budget_min, or reaching run.stop_at.")
     planned_steps: int | None = Field(None, description="The optimizer steps the run was planned for (its "
                                       "learning-rate schedule ends there).")
+    checks: list[CheckRecord] = Field(default_factory=list, description="In-epoch checks on the fixed validation "
+                                      "sample (run.check_every_steps), in step order.")
     final_metrics: dict[str, Any] = Field(default_factory=dict, description="The last epoch's report (metrics, resume notes).")
     best_metrics: dict[str, Any] = Field(default_factory=dict, description="The best checkpoint's report.")
     best_checkpoint: str | None = Field(None, description="Best checkpoint by checkpoint.metric.")

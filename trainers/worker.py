@@ -23,6 +23,7 @@ import yaml
 from rayfoundry.ray_env import quiet_ray_data_console
 from trainers.budget import BudgetClock, StepPlan
 from trainers.checkpoint import save_checkpoint
+from trainers.checks import SampleCheck, fixed_sample, reached
 from trainers.config import TrainJob
 from trainers.data import length_grouped
 from trainers.hardware import resolve_precision
@@ -79,12 +80,14 @@ class ProgressLine:
                   f"samples/s {s['rows'] * self.world / s['seconds']:.0f}", flush=True)
 
 
-def _step_hooks(epoch: int, epochs: int, config: dict[str, Any], rank: int, world: int, engine, clock):
+def _step_hooks(epoch: int, epochs: int, config: dict[str, Any], rank: int, world: int, engine, clock, check):
     hooks = [InjectedExit(config["fault"], rank, epoch)] if config["fault"] else []
     if rank == 0:
         hooks.append(ProgressLine(epoch, epochs, config["steps_per_epoch"], world))
     if clock is not None:
         hooks.append(lambda s: clock(engine.global_step))
+    if check is not None:
+        hooks.append(check)
     return (lambda s: [h(s) for h in hooks]) if hooks else None
 
 
@@ -93,8 +96,10 @@ def _budget_clock(job: TrainJob, config: dict[str, Any], plan: StepPlan, engine,
     finishes the plan it stored)."""
     if not config.get("deadline") or plan.timed or config["dry_run"]:
         return None
+    check_rows = min(job.run.check_rows or config["val_rows"], config["val_rows"])
     return BudgetClock(plan, deadline=config["deadline"], budget_s=job.run.time_budget_min * 60, cap=plan.total,
                        steps_per_epoch=config["steps_per_epoch"], eval_rows=-(-config["val_rows"] // world),
+                       check_every=job.run.check_every_steps, check_rows=-(-check_rows // world),
                        rows_per_step=job.micro_batch_size * job.optim.grad_accum_steps, agree=agree_min,
                        relayout=lambda total: relayout_schedule(engine, job.optim, total),
                        log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None))
@@ -138,7 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if stored is not None and stored.timed and not state["from_init"]:  # laid out over its time budget
                 plan = stored
                 relayout_schedule(engine, job.optim, plan.total)
-            if state.get("ended_by") in ("max_steps", "time_budget"):  # it had ended: its last report, no training
+            if state.get("ended_by") in ("max_steps", "time_budget", "target") and not state["from_init"]:
+                # it had ended: its last report, no training (a PBT copy of an ended trial trains on)
                 ray.train.report(history[-1])
                 return
             if state["from_init"]:  # another run's state, this job's hyperparameters (PBT exploit)
@@ -154,6 +160,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "feature_columns": config["feature_columns"]}
 
     clock = _budget_clock(job, config, plan, engine, rank, world)
+    check = None if job.run.check_every_steps is None or dry_run else SampleCheck(
+        fixed_sample(val_shard.iter_batches(batch_size=EVAL_BATCH * 8, batch_format="numpy"), config["val_rows"],
+                     job.run.check_rows, job.run.seed, EVAL_BATCH, pad_id),
+        every=job.run.check_every_steps, engine=engine, num_labels=len(labels), device=device, precision=precision,
+        rank=rank, world=world, target=job.run.stop_at, metric=job.checkpoint.metric,
+        mode=job.checkpoint.resolved_mode, all_reduce=all_reduce_sum, history=history,
+        log=(lambda line: print(line, flush=True)) if rank == 0 and not config.get("quiet") else (lambda line: None),
+        after=clock.check_ended if clock is not None else None)
 
     def planned() -> StepPlan:
         return clock.plan if clock is not None else plan
@@ -162,6 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         if clock is not None:
             clock.epoch_started()
+        if check is not None:
+            check.epoch_started(epoch)
         shuffle = {"local_shuffle_buffer_size": job.data.shuffle_buffer or None,
                    "local_shuffle_seed": job.run.seed * 100_003 + epoch * 101 + rank if job.data.shuffle_buffer else None}
         if job.data.group_by_length:
@@ -172,11 +188,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = train_shard.iter_torch_batches(batch_size=job.micro_batch_size, collate_fn=collate_fn, **shuffle)
         stats = train_epoch(engine, batches, accum_steps=job.optim.grad_accum_steps, device=device,
                             precision=precision, max_steps=2 if dry_run else None,
-                            on_step=_step_hooks(epoch, job.run.epochs, config, rank, world, engine, clock),
-                            stop=lambda: engine.global_step >= planned().total)
+                            on_step=_step_hooks(epoch, job.run.epochs, config, rank, world, engine, clock, check),
+                            stop=lambda: engine.global_step >= planned().total or (check is not None and check.done))
         ended_by = planned().ended_by if engine.global_step >= planned().total else \
             "epochs" if epoch == job.run.epochs else None
         trained = time.perf_counter()
+        checked = {} if check is None else {"train_seconds_total": check.epoch_ended(),
+                                            "checks": [r.model_dump() for r in check.records]}
         # Validation is not split by Ray: every worker reads it and scores every world-th batch.
         if job.data.group_by_length:
             scored = length_grouped(val_shard.iter_batches(batch_size=EVAL_BATCH * 8, batch_format="numpy"),
@@ -186,22 +204,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_batches = (b for i, b in enumerate(scored) if i % world == rank and not (dry_run and i >= 2 * world))
         sums = evaluate(engine.eval_model(), val_batches, len(labels), device, precision)
         sums |= {"train_loss_sum": torch.tensor(stats["train_loss_sum"], dtype=torch.float64),
-                 "train_rows": torch.tensor(stats["train_rows"], dtype=torch.float64)}
+                 "train_rows": torch.tensor(stats["train_rows"], dtype=torch.float64),
+                 "train_tokens": torch.tensor(stats["train_tokens"], dtype=torch.float64)}
         sums = all_reduce_sum(sums)
         train_rows = float(sums["train_rows"])
+        seconds = stats["seconds"] - (check.spent if check is not None else 0.0)  # training only
         metrics = classification_metrics(sums) | {
             "epoch": epoch, "global_step": engine.global_step,
             "train_loss": float(sums["train_loss_sum"]) / max(train_rows, 1.0),
-            "train_rows": int(train_rows), "train_seconds": stats["seconds"],
+            "train_rows": int(train_rows), "train_seconds": seconds,
             "data_wait_seconds": stats["data_wait_seconds"],
-            "train_samples_per_s": train_rows / max(stats["seconds"], 1e-9),
+            "train_samples_per_s": train_rows / max(seconds, 1e-9),
             "epoch_seconds": time.perf_counter() - t0, "lr": engine.scheduler.get_last_lr()[0],
             "planned_steps": planned().total, "precision": precision,
-        } | resumed | ({"ended_by": ended_by} if ended_by else {})
+        } | resumed | checked
+        if float(sums["train_tokens"]):  # text models
+            metrics["train_tokens_per_s"] = float(sums["train_tokens"]) / max(seconds, 1e-9)
+        if not dry_run and ((check is not None and check.done) or reached(
+                metrics[job.checkpoint.metric], job.run.stop_at, job.checkpoint.resolved_mode)):
+            ended_by = "target"
+        metrics |= {"ended_by": ended_by} if ended_by else {}
         history.append(metrics)
         if rank == 0 and not config.get("quiet"):
             print(format_epoch(epoch, job.run.epochs, metrics), flush=True)
-            if ended_by in ("max_steps", "time_budget"):
+            if ended_by == "target":
+                print(f"{job.checkpoint.metric} reached run.stop_at {job.run.stop_at}: stopped in epoch {epoch} at "
+                      f"step {engine.global_step}", flush=True)
+            elif ended_by in ("max_steps", "time_budget"):
                 print(f"the plan of {planned().total} steps is done ({ended_by.replace('_', ' ')}): stopped in epoch "
                       f"{epoch} at learning rate {metrics['lr']:.2g}", flush=True)
         if dry_run:

@@ -92,6 +92,22 @@ def test_a_run_that_slows_down_has_its_plan_cut_and_relaid_and_still_ends_in_tim
     assert any("behind the plan" in line for line in logs)
 
 
+def test_a_run_that_speeds_up_has_its_plan_lengthened_and_uses_its_budget():
+    fake, logs, relayouts = FakeClock(), [], []
+    clock = make_clock(fake, logs=logs, relayouts=relayouts)
+    steps = run(clock, fake, lambda s: 1.0 if s < 100 else 0.5, until=100_000)  # slow first steps, then twice as fast
+    assert relayouts[1] > relayouts[0] and any("ahead of the plan" in line and "lengthened to" in line for line in logs)
+    assert steps == clock.plan.total == relayouts[-1] and clock.plan.ended_by == "time_budget"
+    assert 600 - margin(600) - 20 < fake.now <= 600 - margin(600)  # the budget is used, and kept
+
+
+def test_a_lengthened_plan_stops_at_the_epochs():
+    fake, logs = FakeClock(), []
+    clock = make_clock(fake, cap=800, steps_per_epoch=800, logs=logs)
+    steps = run(clock, fake, lambda s: 1.0 if s < 100 else 0.1, until=100_000)
+    assert steps == 800 and clock.plan.ended_by == "epochs" and "capped by run.epochs" in logs[-1]
+
+
 def test_validations_between_epochs_are_not_counted_as_steps_and_their_cost_is_planned_for():
     fake, logs = FakeClock(), []
     clock = make_clock(fake, steps_per_epoch=50, logs=logs)
@@ -107,6 +123,26 @@ def test_validations_between_epochs_are_not_counted_as_steps_and_their_cost_is_p
     assert clock.plan.seconds_per_step == pytest.approx(0.5)  # the 30 s gaps are not in the speed
     assert fake.now <= 600 - margin(600)  # the last validation included
     assert fake.now > 600 - margin(600) - 30 - 0.5 * 50  # and not much sooner: less than one epoch's worth is idle
+
+
+def test_in_epoch_checks_are_not_counted_as_steps_and_their_cost_is_planned_for():
+    fake = FakeClock()
+    clock = BudgetClock(initial_plan(10_000, 1, None), deadline=600, budget_s=600, cap=10_000, steps_per_epoch=10_000,
+                        eval_rows=320, rows_per_step=32, agree=lambda v: v, relayout=lambda total: None,
+                        log=lambda line: None, clock=fake, check_every=40, check_rows=3200)
+    step = 0
+    while step < clock.plan.total:
+        fake.now += 0.5
+        step += 1
+        clock(step)
+        if step % 40 == 0:  # a check of 8 s every 40 steps (20 s of steps)
+            fake.now += 8
+            clock.check_ended(8)
+    assert clock.plan.seconds_per_step == pytest.approx(0.5)  # the checks are not in the speed
+    assert fake.now <= 600 - margin(600)  # every check, and the final validation, within the budget
+    assert fake.now > 600 - margin(600) - 8 - 20  # and not much sooner
+    assert steps_that_fit(done=0, seconds_per_step=1, seconds_left=60, steps_per_epoch=1000, eval_seconds=0,
+                          cap=1000, check_every=10, check_seconds=5) == 40  # 40 s of steps and 4 checks of 5 s
 
 
 def test_a_budget_larger_than_the_epochs_keeps_the_epochs_plan():

@@ -7,6 +7,8 @@ Run: .venv/bin/python -m pytest tests/unit/test_rerun.py -q
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rayfoundry import storage
@@ -47,6 +49,17 @@ def test_an_unfinished_run_compares_against_the_config_it_started_with(tmp_path)
     check_same_config(_job(tmp_path, run={"epochs": 9}), run_dir(job), None)  # extending a run is allowed
     with pytest.raises(ConfigError, match=r"model\.channels: \[32, 64\] -> \[8\]"):
         check_same_config(_job(tmp_path, model={"channels": [8]}), run_dir(job), None)
+
+
+def test_a_run_started_before_a_field_existed_compares_with_that_field_at_its_default(tmp_path):
+    job = _job(tmp_path)
+    written = json.loads(job.model_dump_json())
+    for section, field in (("run", "check_rows"), ("run", "stop_at"), ("run", "check_every_steps")):
+        del written[section][field]  # as an earlier version wrote job.json
+    storage.write_text(storage.join(run_dir(job), CONFIG_FILE), json.dumps(written))
+    check_same_config(job, run_dir(job), None)
+    with pytest.raises(ConfigError, match=r"run\.check_every_steps: None -> 50"):
+        check_same_config(_job(tmp_path, run={"check_every_steps": 50}), run_dir(job), None)
 
 
 def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
