@@ -62,8 +62,10 @@ clean:
 	rm -rf runs registry
 
 .PHONY: bench-train bench-inference bench-serve bench-tune bench-tracking bench-monitoring
-bench-train: $(STAMP)  ## training throughput: Ray Train vs torchrun vs one process vs ZeRO-2/3 (~4 min)
+bench-train: $(STAMP)  ## training throughput (Ray Train vs torchrun vs ZeRO), step levers, SST-2 time to accuracy (~70 min)
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_step_levers.py
+	$(PY) benchmarks/time_to_accuracy.py
 
 bench-inference: $(STAMP)  ## MiniLM inference: torch fp32/bf16 vs ONNX Runtime fp32/int8, latency and accuracy (~6 min)
 	$(PY) benchmarks/inference_engines.py
