@@ -8,8 +8,8 @@ validations and checkpoints still to come; the learning-rate schedule is then la
 exactly those steps, so it ends when the budget does. Every `RECHECK_SHARE` of the plan the speed
 is measured again: a plan that no longer fits is cut, and one that leaves more than `LENGTHEN_SHARE`
 of itself unused (the first steps ran slow, a neighbour went quiet) is lengthened; either way the
-schedule is laid out again over the new plan from the current step. All ranks agree on each plan through one collective (the slowest rank's
-estimate), at steps fixed by step counts alone.
+schedule is laid out again over the new plan from the current step. All ranks agree on each plan
+through one collective (the slowest rank's estimate), at steps fixed by step counts alone.
 
 The plan is stored in every checkpoint (`trainer_state.json` `plan`), so a resumed run finishes the
 same schedule as an uninterrupted one; the deadline belongs to the first launch and is not re-timed.
