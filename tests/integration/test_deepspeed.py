@@ -41,7 +41,8 @@ def test_zero_trains_consolidates_and_exports(ray_cluster, shared_data, tmp_path
         assert meta.parity.max_abs_logit_diff <= 1e-4 and meta.source.strategy == "deepspeed"
         onnx = meta.validation.metrics["onnx"]
         assert onnx["val_rows"] == summary.final_metrics["val_rows"]
-        assert onnx["val_accuracy"] == pytest.approx(summary.final_metrics["val_accuracy"], abs=1e-9)
+        # export takes the run's best checkpoint, which under a budget of several epochs need not be the last
+        assert onnx["val_accuracy"] == pytest.approx(summary.best_metrics["val_accuracy"], abs=1e-9)
 
 
 def _resumes_from_sharded_state(shared_data, tmp_path, first: dict) -> None:
