@@ -18,7 +18,7 @@ from tracking.tracker import Tracker, build_lineage, flatten, lineage_tags
 from trainers.budget import SKIPPED_STEPS, WARMUP_STEPS, initial_plan
 from trainers.config import TrainJob
 from trainers.hardware import NodeShape, resolve_scaling
-from trainers.summary import CONFIG_FILE, RESULT_FILE, RunSummary, parse_summary
+from trainers.summary import CONFIG_FILE, ENDED_EARLY, RESULT_FILE, RunSummary, parse_summary
 
 LINEAGE_FILE = "data_fingerprint.json"  # the data a run directory was started on
 
@@ -105,7 +105,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         text = storage.read_text(result_path)
         previous = parse_summary(text) if text is not None else None
         check_same_config(job, out_dir, previous)
-    if previous and previous.ended_by in ("max_steps", "time_budget", "target"):
+    if previous and previous.ended_by in ENDED_EARLY:
         log(f"{job.run.name} already finished: its {previous.ended_by.replace('_', ' ')} ended it at step "
             f"{previous.global_step}; --restart trains again")
         return previous

@@ -14,6 +14,7 @@ from tracking.records import Lineage
 
 RUN_SUMMARY_FORMAT = 1
 RESULT_FILE = "result.json"
+ENDED_EARLY = ("max_steps", "time_budget", "target")  # ended before its epochs: finished, never trained on
 CONFIG_FILE = "job.json"  # the resolved TrainJob a run was started with, written before its first epoch
 
 

@@ -32,6 +32,7 @@ from trainers.models import build_model, load_tokenizer, model_config
 from trainers.ray_data import PadCollate
 from trainers.recovery import InjectedExit, resume
 from trainers.strategy import agree_min, all_reduce_sum, apply_hyperparameters, build_engine, relayout_schedule
+from trainers.summary import ENDED_EARLY
 
 EVAL_BATCH = 256
 GROUP_WINDOW = 50  # data.group_by_length sorts windows of this many batches by length
@@ -143,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if stored is not None and stored.timed and not state["from_init"]:  # laid out over its time budget
                 plan = stored
                 relayout_schedule(engine, job.optim, plan.total)
-            if state.get("ended_by") in ("max_steps", "time_budget", "target") and not state["from_init"]:
+            if state.get("ended_by") in ENDED_EARLY and not state["from_init"]:
                 # it had ended: its last report, no training (a PBT copy of an ended trial trains on)
                 ray.train.report(history[-1])
                 return
