@@ -9,12 +9,13 @@ CONFIG ?= ray_apps/configs/digits_cnn.yaml
 MODEL ?= digits
 RUN_DIR := runs/$(basename $(notdir $(CONFIG)))
 
-.PHONY: install demo test test-heavy test-fast test-unit clean help cluster-up submit-train cluster-down
+.PHONY: install demo test test-heavy test-cluster test-fast test-unit clean help cluster-up submit-train cluster-down
 
 help:
 	@echo "make demo   - train digits on a local Ray, export it, make it champion, serve it (NO_WAIT=1: exit after samples)"
 	@echo "make test   - ruff, then every test but the heavy training scenarios (about 16 minutes); prints the 15 slowest"
 	@echo "make test-heavy - Tune sweeps, DeepSpeed ZeRO, failure recovery (about 10 minutes); CI runs it after make test"
+	@echo "make test-cluster - the multi-node suite on a simulated cluster of 4 nodes (about 10 minutes); CI runs it last"
 	@echo "make test-fast - ruff, unit tests and the quick integration tests (under 5 minutes)"
 	@echo "make clean  - remove run outputs (runs/, registry/)"
 	@echo "make cluster-up / submit-train / cluster-down - a local Ray head with token auth; ray job submit the default job"
@@ -44,16 +45,21 @@ demo: $(STAMP)
 # What CI runs first: lint, then every test but the `heavy` training scenarios, then the 15 slowest.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests -q -m "not heavy" --durations=15
+	$(PY) -m pytest tests -q -m "not heavy and not cluster" --durations=15
 
 # What CI runs second: the multi-minute training scenarios (Tune sweeps, DeepSpeed ZeRO, failure recovery).
 test-heavy: $(STAMP)
-	$(PY) -m pytest tests -q -m heavy --durations=10
+	$(PY) -m pytest tests -q -m "heavy and not cluster" --durations=10
+
+# What CI runs third: training, sweeps and serving on a simulated multi-node cluster (tests/cluster): a
+# head and 3 worker nodes, each its own raylet on this machine, added and removed while the tests run.
+test-cluster: $(STAMP)
+	$(PY) -m pytest tests/cluster -q -m cluster --durations=10
 
 # The edit loop (under 5 minutes): unit tests and the quick integration tests, no `slow` ones.
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests -q -m "not slow" --durations=10
+	$(PY) -m pytest tests -q -m "not slow and not cluster" --durations=10
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rayfoundry import storage
+
 # A local Ray we start is one node that nothing preempts: Ray Train's preemption watcher (one more actor
 # per run) has nothing to watch, and its controller can poll the workers every 0.25 s instead of 2 s
 # (each run ends up to 2 s sooner, and starts sooner with one process fewer). Measured on 2 cores: a
@@ -53,7 +55,7 @@ def quiet_ray_data_console() -> None:
 
 def connect_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Join RAY_ADDRESS (ray job submit sets it), or a local `ray start` head, or start a quiet
-    local Ray. address="local" always starts a new one (tests)."""
+    local Ray. address="local" (or RAY_ADDRESS=local) always starts a new one."""
     import ray
 
     if ray.is_initialized():
@@ -61,11 +63,23 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None) -> None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         kwargs["address"] = address
-    if address == "local" or not os.environ.get("RAY_ADDRESS"):
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
         # A local Ray we start ourselves gets quiet logging in every process; on a cluster the job's
         # runtime_env carries the same variables (cluster_configs/runtime_env.yaml).
         kwargs |= {"num_cpus": num_cpus, "runtime_env": {"env_vars": quiet_env() | SINGLE_NODE_ENV}}
     ray.init(**kwargs)
+
+
+def check_cluster_paths(places: dict[str, str | None]) -> None:
+    """On a Ray cluster of several nodes (the one this process is connected to, or RAY_ADDRESS names),
+    refuse relative local paths (`places`: config field -> path). A command that starts its own Ray
+    starts one node: nothing to check."""
+    import ray
+
+    if not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+        return
+    connect_ray()
+    storage.require_shared(places, sum(1 for n in ray.nodes() if n["Alive"]))
 
 
 def find_cause(error: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rayfoundry.errors import ConfigError
+
 
 def is_uri(path: str) -> bool:
     return "://" in path
@@ -21,6 +23,27 @@ def is_uri(path: str) -> bool:
 def is_local(path: str) -> bool:
     """True for plain paths and file:// URIs: places where rename and flock work."""
     return not is_uri(path) or path.startswith("file://")
+
+
+def relative_local(path: str) -> bool:
+    """A place named relative to the process's working directory: a plain relative path, or an MLflow
+    `sqlite:///relative.db` (an absolute one has four slashes)."""
+    if path.startswith("sqlite:///"):
+        return not path.removeprefix("sqlite:///").startswith("/")
+    return not is_uri(path) and not os.path.isabs(path)
+
+
+def require_shared(places: dict[str, str | None], nodes: int) -> None:
+    """Refuse relative local paths on a cluster of several nodes: each node (and a submitted job's copy of
+    the working dir) resolves them on its own disk, so checkpoints, packages or runs would scatter.
+    `places` maps each config field (or option) to the path the user gave."""
+    if nodes < 2:
+        return
+    for field, path in places.items():
+        if path and relative_local(path):
+            raise ConfigError(f"{field} {path!r} is a relative local path, which each of this cluster's {nodes} nodes "
+                              f"resolves on its own disk; give a URI (s3://bucket/..., gs://...) or an absolute path on "
+                              f"storage that every node mounts (NFS, a shared volume)")
 
 
 def resolve(path: str) -> str:

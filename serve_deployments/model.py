@@ -289,9 +289,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     controller. Resolves the ref to a version; the controller then decides what the replicas serve
     (that version, until a rollout or a move of the followed alias changes it)."""
     from model_registry.registry import GATED_ALIAS, Registry, parse_ref
+    from rayfoundry.ray_env import check_cluster_paths
     from serve_deployments.config import ModelArgs, parse_args
 
     cfg = parse_args(ModelArgs, args, "model args")
+    check_cluster_paths({"registry": cfg.registry})  # every replica opens it, on whichever node it runs
     registry = Registry(cfg.registry)
     name, version = registry.resolve(cfg.model)
     _, pinned, alias = parse_ref(cfg.model)

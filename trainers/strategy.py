@@ -293,6 +293,15 @@ def agree_min(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def gather_strings(value: str) -> list[str]:
+    """Every worker's `value`, in rank order ([value] in a single process): one collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [str(v) for v in out]
+
+
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sum each tensor over the workers (a no-op in a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -58,6 +58,8 @@ class RunSummary(BaseModel):
     latest_checkpoint: str | None = None
     use_gpu: bool = False
     num_workers: int = 1
+    worker_nodes: list[str] = Field(default_factory=list, description="The Ray node id of each worker, in rank "
+                                    "order, in the attempt that finished the run.")
     init_checkpoint: str | None = Field(None, description="Another run's checkpoint this run started from (PBT).")
     labels: list[str] = Field(default_factory=list, description="Class labels in id order.")
     train_rows: int | None = None

@@ -31,7 +31,7 @@ from trainers.loop import classification_metrics, evaluate, train_epoch
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.ray_data import PadCollate
 from trainers.recovery import InjectedExit, resume
-from trainers.strategy import agree_min, all_reduce_sum, apply_hyperparameters, build_engine, relayout_schedule
+from trainers.strategy import agree_min, all_reduce_sum, apply_hyperparameters, build_engine, gather_strings, relayout_schedule
 from trainers.summary import ENDED_EARLY
 
 EVAL_BATCH = 256
@@ -132,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     own_config = None if job.model.type == "text" else model_config(job.model, len(labels), config["num_features"], labels)
     seed_everything(job.run.seed + 1000 * (rank + 1))  # distinct dropout streams per rank
 
+    nodes = {"worker_nodes": gather_strings(ray.get_runtime_context().get_node_id())}  # this attempt's placement
     start_epoch, history, resumed, plan = 1, [], {}, StepPlan.model_validate(config["plan"])
     if not dry_run:
         state, skipped = resume(engine, rank, config["run_dir"], config.get("init_checkpoint"))
@@ -146,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 relayout_schedule(engine, job.optim, plan.total)
             if state.get("ended_by") in ENDED_EARLY and not state["from_init"]:
                 # it had ended: its last report, no training (a PBT copy of an ended trial trains on)
-                ray.train.report(history[-1])
+                ray.train.report(history[-1] | nodes)
                 return
             if state["from_init"]:  # another run's state, this job's hyperparameters (PBT exploit)
                 apply_hyperparameters(engine, job.optim)
@@ -218,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_samples_per_s": train_rows / max(seconds, 1e-9),
             "epoch_seconds": time.perf_counter() - t0, "lr": engine.scheduler.get_last_lr()[0],
             "planned_steps": planned().total, "precision": precision,
-        } | resumed | checked
+        } | resumed | checked | nodes
         if float(sums["train_tokens"]):  # text models
             metrics["train_tokens_per_s"] = float(sums["train_tokens"]) / max(seconds, 1e-9)
         if not dry_run and ((check is not None and check.done) or reached(

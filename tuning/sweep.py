@@ -29,39 +29,55 @@ from ray.tune import Callback
 
 from rayfoundry import storage
 from rayfoundry.errors import SweepError
-from rayfoundry.ray_env import connect_ray
+from rayfoundry.ray_env import check_cluster_paths, connect_ray
 from tracking.callbacks import SweepTracking
 from tracking.fingerprint import fingerprint_data
 from tracking.tracker import DEFAULT_EXPERIMENT, Tracker, build_lineage, flatten, lineage_tags
 from trainers.config import TrainJob
-from trainers.run import run_dir
+from trainers.hardware import NodeShape
+from trainers.run import cluster_nodes, run_dir, shared_places
 from tuning.config import ASHA, PBT, LoadedTune, TuneJob, job_for
 
 DRIVER_CPU = 0.01  # Tune rejects 0; a whole CPU per driver starves the trials' own workers on small nodes
 SPEC_FILE = "rayfoundry_tune.json"
 
 
-def concurrency(spec: TuneJob, scaling, resources: dict[str, float]) -> tuple[int, str]:
-    """(trials at once, the arithmetic that gave it) for this cluster."""
+def concurrency(spec: TuneJob, scaling, nodes: list[NodeShape]) -> tuple[int, str]:
+    """(trials at once, the arithmetic that gave it) on a cluster of `nodes`. Ray Data's tasks take a
+    whole CPU on one node, so the reserve is kept whole on one node; on several nodes each trial is
+    counted on one node (its workers pack), unless no node can hold one."""
     if scaling.num_workers == "auto":
         raise SweepError("scaling.num_workers: auto gives one run a whole node or every GPU, and a sweep's trials share "
                          "the cluster; set a number (e.g. 1)")
     per_trial = scaling.num_workers * scaling.cpus_per_worker + DRIVER_CPU
-    cpus = resources.get("CPU", 0.0)
-    usable = cpus - spec.reserve_cpus
-    if usable < per_trial:
-        raise SweepError(f"one trial needs {per_trial:g} CPUs (workers and driver) plus reserve_cpus {spec.reserve_cpus:g}, "
+    cpus, gpus, reserve = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes), spec.reserve_cpus
+    if cpus - reserve < per_trial:
+        raise SweepError(f"one trial needs {per_trial:g} CPUs (workers and driver) plus reserve_cpus {reserve:g}, "
                          f"but the cluster has {cpus:g}; lower scaling.cpus_per_worker or reserve_cpus")
-    bounds = {"num_samples": spec.num_samples, "cpu": math.floor(usable / per_trial + 1e-9)}
-    if scaling.use_gpu is True or (scaling.use_gpu == "auto" and resources.get("GPU", 0) >= 1):
-        bounds["gpu"] = math.floor(resources.get("GPU", 0) / scaling.num_workers)
+    cpu_nodes = sorted((n.cpus for n in nodes if n.cpus > 0), reverse=True)
+    if len(cpu_nodes) == 1 or per_trial > cpu_nodes[0]:  # one node, or trials that span nodes
+        fits = math.floor((cpus - reserve) / per_trial + 1e-9)
+        rule = f"floor(({cpus:g} CPUs - reserve {reserve:g}) / {per_trial:g} per trial) = {fits}"
+    else:
+        whole = [math.floor(c / per_trial + 1e-9) for c in cpu_nodes]
+        kept = max(range(len(cpu_nodes)), key=lambda j: math.floor((cpu_nodes[j] - reserve) / per_trial + 1e-9) - whole[j])
+        whole[kept] = max(0, math.floor((cpu_nodes[kept] - reserve) / per_trial + 1e-9))
+        fits = sum(whole)
+        rule = (f"{' + '.join(map(str, whole))} whole trials of {per_trial:g} CPUs on {len(cpu_nodes)} nodes "
+                f"({'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs), reserve {reserve:g} kept whole on one = {fits}")
+        if fits < 1:
+            raise SweepError(f"one trial needs {per_trial:g} CPUs on one node plus reserve_cpus {reserve:g} whole on one "
+                             f"node, but the nodes have {'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs; lower "
+                             f"scaling.cpus_per_worker or reserve_cpus")
+    bounds = {"num_samples": spec.num_samples, "cpu": fits}
+    if scaling.use_gpu is True or (scaling.use_gpu == "auto" and gpus >= 1):
+        bounds["gpu"] = math.floor(gpus / scaling.num_workers)
         if bounds["gpu"] < 1:
-            raise SweepError(f"a trial needs {scaling.num_workers} GPUs; the cluster has {resources.get('GPU', 0):g}")
+            raise SweepError(f"a trial needs {scaling.num_workers} GPUs; the cluster has {gpus:g}")
     if spec.max_concurrent_trials:
         bounds["max_concurrent_trials"] = spec.max_concurrent_trials
     at_once = max(1, min(bounds.values()))
-    why = (f"{at_once} trial(s) at once: min(num_samples {spec.num_samples}, floor(({cpus:g} CPUs - reserve "
-           f"{spec.reserve_cpus:g}) / {per_trial:g} per trial) = {bounds['cpu']}"
+    why = (f"{at_once} trial(s) at once: min(num_samples {spec.num_samples}, {rule}"
            + (f", GPUs {bounds['gpu']}" if "gpu" in bounds else "")
            + (f", max_concurrent_trials {spec.max_concurrent_trials}" if spec.max_concurrent_trials else "") + ")")
     return at_once, why
@@ -192,7 +208,6 @@ class ProgressLines(Callback):
 
 def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[str, Any]:
     """Run the sweep, or resume it when its directory holds an unfinished one; returns the summary."""
-    import ray
     from ray import tune
 
     # Tune snapshots the sweep's state at most every 10 s by default ("auto"); a driver killed inside
@@ -202,9 +217,10 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     spec = loaded.spec
     path = experiment_path(spec)
+    connect_ray()
+    check_cluster_paths(shared_places(loaded.base_job) | {"run.storage_path": spec.run.storage_path})
     if restart and storage.delete_dir(path):
         log(f"--restart: removed {path}")
-    connect_ray()
     resumed = tune.Tuner.can_restore(path)
     if resumed:
         stored = storage.read_json(f"{path}/{SPEC_FILE}")
@@ -214,7 +230,7 @@ def run_sweep(loaded: LoadedTune, *, restart: bool = False, log=print) -> dict[s
         at_once, why = None, "as when the sweep started"
         log(f"resuming {path}: finished trials are kept, unfinished ones continue from their last checkpoint")
     else:
-        at_once, why = concurrency(spec, loaded.base_job.scaling, ray.cluster_resources())
+        at_once, why = concurrency(spec, loaded.base_job.scaling, cluster_nodes())
         storage.write_text(f"{path}/{SPEC_FILE}", loaded.fingerprint())
         log(f"sweep {spec.run.name}: {spec.num_samples} trials, {spec.scheduler.type} + {spec.search.type} search "
             f"on {spec.metric} ({spec.resolved_mode}); {why}\n  storage: {path}")
@@ -259,7 +275,8 @@ def summarize(loaded: LoadedTune, results, path: str) -> dict[str, Any]:
                spec.metric: (max(scores, key=lambda v: sign * v) if scores else None),
                "epochs": ran, "stopped_early": result.error is None and 0 < ran < epochs,
                "status": "error" if result.error else "finished" if ran >= epochs else "stopped",
-               "error": str(result.error).splitlines()[0][:300] if result.error else None, "path": result.path}
+               "error": str(result.error).splitlines()[0][:300] if result.error else None, "path": result.path,
+               "worker_nodes": (result.metrics or {}).get("worker_nodes", [])}
         rows.append(row)
         for ckpt, metrics in result.best_checkpoints or []:
             value = metrics.get(spec.metric)

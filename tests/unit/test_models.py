@@ -133,6 +133,34 @@ def test_cnn_round_trip_gives_identical_logits(tmp_path):
     assert_no_pickles(tmp_path)
 
 
+def test_cnn_convs_have_no_bias_and_older_weights_with_one_load_to_the_same_outputs():
+    """A conv bias before BatchNorm only drifts the running mean (its gradient is float noise that Adam
+    amplifies); the convs have none, and weights saved with one load with it folded into the mean."""
+    cfg = CNNModel(type="cnn", channels=[8, 16], hidden=32)
+    torch.manual_seed(0)
+    model = build_model(cfg, DIGITS)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    model.train()(features=pixels(32, seed=1))
+    model.eval()
+    older = build_model(cfg, DIGITS)
+    older._load_state_dict_pre_hooks.clear()
+    for i in (0, 3):  # the layout before: Conv2d(..., bias=True)
+        conv = older.body[i]
+        older.body[i] = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+    older.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(3)
+    for i in (0, 3):
+        torch.nn.init.normal_(older.body[i].bias)
+    older.train()(features=pixels(32, seed=4))  # running means now carry the biases
+    older.eval()
+    saved = {k: v.clone() for k, v in older.state_dict().items()}
+    assert "body.0.bias" in saved and "body.3.bias" in saved
+    upgraded = build_model(cfg, DIGITS)
+    upgraded.load_state_dict(saved)
+    x = pixels(6, seed=2)
+    assert torch.allclose(upgraded.eval()(features=x), older(features=x), atol=1e-5)
+
+
 def test_mlp_round_trip_keeps_mean_and_std_buffers(tmp_path):
     cfg = MLPModel(type="mlp", hidden=[16])
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 
 from trainers.config import ConfigError, parse_job
 from trainers.data import collate, length_grouped
-from trainers.hardware import resolve_precision
+from trainers.hardware import NodeShape, resolve_precision
 
 
 def windows(n_rows: int, window: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -129,4 +129,4 @@ def test_a_sweep_refuses_auto_workers():
     from tuning.sweep import concurrency
 
     with pytest.raises(SweepError, match="scaling.num_workers: auto gives one run a whole node"):
-        concurrency(None, scaling(), {"CPU": 8})
+        concurrency(None, scaling(), [NodeShape(cpus=8)])

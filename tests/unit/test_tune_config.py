@@ -10,6 +10,7 @@ import yaml
 
 from tests.conftest import REPO
 from trainers.config import ConfigError, ScalingSection, load_job
+from trainers.hardware import NodeShape
 from tuning.config import load_tune
 from tuning.sweep import SweepError, best_train_yaml, concurrency
 
@@ -60,24 +61,40 @@ def test_optuna_refuses_list_choices_and_pbt_refuses_other_searchers():
         load_tune(TUNE_DIGITS, ["scheduler={type: pbt}", "search.type=optuna"])
 
 
-@pytest.mark.parametrize(("workers", "cpus", "resources", "samples", "expected"), [
-    (1, 0.45, {"CPU": 2}, 8, 2),              # this machine: two trials, one whole CPU left for Ray Data
-    (1, 0.5, {"CPU": 2}, 8, 1),               # 2 x 0.51 would leave 0.98 CPU: Ray Data's 1-CPU tasks never run
-    (2, 1.0, {"CPU": 64}, 100, 31),           # a cluster fills up
-    (2, 1.0, {"CPU": 64, "GPU": 4}, 100, 2),  # use_gpu auto: 2 GPUs per trial bound it
-    (1, 1.0, {"CPU": 1000}, 8, 8),            # never more than num_samples
+def nodes(*cpus: float, gpus: float = 0) -> list[NodeShape]:
+    return [NodeShape(cpus=c, gpus=gpus / len(cpus)) for c in cpus]
+
+
+@pytest.mark.parametrize(("workers", "cpus", "cluster", "samples", "expected"), [
+    (1, 0.45, nodes(2), 8, 2),                # this machine: two trials, one whole CPU left for Ray Data
+    (1, 0.5, nodes(2), 8, 1),                 # 2 x 0.51 would leave 0.98 CPU: Ray Data's 1-CPU tasks never run
+    (2, 1.0, nodes(64), 100, 31),             # a big node fills up
+    (2, 1.0, nodes(64, gpus=4), 100, 2),      # use_gpu auto: 2 GPUs per trial bound it
+    (1, 1.0, nodes(1000), 8, 8),              # never more than num_samples
+    (1, 1.0, nodes(0, 2, 2, 2), 8, 2),        # 1.01 per trial: one per 2-CPU node, and one node keeps a whole CPU
+    (1, 0.45, nodes(0, 2, 2, 2), 16, 10),     # 4 + 4 on two nodes, 2 beside the reserve on the third
+    (2, 1.0, nodes(1, 1, 1, 1), 8, 1),        # no node holds a 2.01-CPU trial: it spans nodes, counted in total
 ])
-def test_trials_at_once_follow_the_resource_rule(workers, cpus, resources, samples, expected):
+def test_trials_at_once_follow_the_resource_rule(workers, cpus, cluster, samples, expected):
     spec = load_tune(TUNE_DIGITS, [f"num_samples={samples}"]).spec
-    at_once, why = concurrency(spec, ScalingSection(num_workers=workers, cpus_per_worker=cpus), resources)
+    at_once, why = concurrency(spec, ScalingSection(num_workers=workers, cpus_per_worker=cpus), cluster)
     assert at_once == expected, why
     assert why.startswith(f"{expected} trial(s) at once")
+
+
+def test_on_several_nodes_the_reserve_stays_whole_on_one_node():
+    """6 CPUs in all would give floor(5 / 1.01) = 4 trials, each on its own node's 2 CPUs: Ray Data's
+    1-CPU tasks would then find 0.99 free on every node and never run."""
+    spec = load_tune(TUNE_DIGITS, ["num_samples=8"]).spec
+    _, why = concurrency(spec, ScalingSection(num_workers=1, cpus_per_worker=1.0), nodes(0, 2, 2, 2))
+    assert why == ("2 trial(s) at once: min(num_samples 8, 0 + 1 + 1 whole trials of 1.01 CPUs on 3 nodes (2/2/2 CPUs), "
+                   "reserve 1 kept whole on one = 2)")
 
 
 def test_a_trial_that_cannot_fit_is_an_error_not_a_hang():
     spec = load_tune(TUNE_DIGITS).spec
     with pytest.raises(SweepError, match="one trial needs 2.01 CPUs .* but the cluster has 2"):
-        concurrency(spec, ScalingSection(num_workers=2, cpus_per_worker=1.0), {"CPU": 2})
+        concurrency(spec, ScalingSection(num_workers=2, cpus_per_worker=1.0), nodes(2))
 
 
 def test_best_yaml_is_a_complete_train_job_with_the_trial_values_at_the_base_scaling(tmp_path):
