@@ -14,6 +14,7 @@ import yaml
 
 from benchmarks.serve_events import Load, running_replicas, wait_for
 from model_registry.export import ExportJob, export
+from serve_deployments.app import MODEL_DEPLOYMENT
 from tests.conftest import REPO
 from tests.integration.serving import digits_v2
 
@@ -25,11 +26,11 @@ APP = "model-digits"
 
 
 def model_replicas() -> dict[str, str]:
-    """Alive model replicas of the digits application: actor id -> node id."""
+    """Alive model replicas of the digits application (not its rollout controller): actor id -> node id."""
     from ray.util.state import list_actors
 
     return {a["actor_id"]: a["node_id"] for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a["class_name"].startswith(f"ServeReplica:{APP}:")}
+            if a["class_name"] == f"ServeReplica:{APP}:{MODEL_DEPLOYMENT}"}
 
 
 @pytest.fixture(scope="module")
