@@ -13,9 +13,9 @@ RUN_DIR := runs/$(basename $(notdir $(CONFIG)))
 
 help:
 	@echo "make demo   - train digits on a local Ray, export it, make it champion, serve it (NO_WAIT=1: exit after samples)"
-	@echo "make test   - ruff, then every test but the heavy training scenarios (about 16 minutes); prints the 15 slowest"
-	@echo "make test-heavy - Tune sweeps, DeepSpeed ZeRO, failure recovery (about 10 minutes); CI runs it after make test"
-	@echo "make test-cluster - the multi-node suite on a simulated cluster of 4 nodes (about 10 minutes); CI runs it last"
+	@echo "make test   - ruff, then every test but the heavy training scenarios (about 18 minutes); prints the 15 slowest"
+	@echo "make test-heavy - Tune sweeps, DeepSpeed ZeRO, failure recovery (about 8 minutes); CI runs it after make test"
+	@echo "make test-cluster - the multi-node suite on a simulated cluster of 4 nodes (about 9 minutes); CI runs it last"
 	@echo "make test-fast - ruff, unit tests and the quick integration tests (under 5 minutes)"
 	@echo "make clean  - remove run outputs (runs/, registry/)"
 	@echo "make cluster-up / submit-train / cluster-down - a local Ray head with token auth; ray job submit the default job"

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from model_registry.export import ExportJob, export
     from model_registry.registry import Registry
     from rayfoundry.errors import ConfigError, describe_validation_error
+    from rayfoundry.ray_env import check_cluster_paths
 
     # Unset options take ExportJob's defaults, so each default is written once.
     given = {k: getattr(args, k) for k in ("quantize", "max_int8_drop", "parity_rows", "parity_tolerance", "device")
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         spec = ExportJob(checkpoint=args.checkpoint, name=args.name, registry=args.registry, **given)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e, as_flags=True)) from None
+    check_cluster_paths({"--registry": args.registry})  # a submitted job's working dir is a temporary copy
     meta = export(spec)
     write_json_out(args.json_out, meta)
     print(f"done: {meta.ref} in {args.registry}  ({', '.join(meta.files)})")

@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from model_registry.export import ExportJob, export
     from model_registry.registry import Registry, RetrainRecord
     from monitoring.retrain import newest_data
+    from rayfoundry.ray_env import check_cluster_paths
     from trainers.config import apply_overrides, load_job, parse_job
     from trainers.run import train
 
+    check_cluster_paths({"--registry": args.registry})
     registry = Registry(args.registry)
     name, version = registry.resolve(f"{args.name}:{args.from_version}")
     base = f"{name}:{version}"

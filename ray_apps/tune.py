@@ -43,10 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rayfoundry.ray_env import check_cluster_paths
     from tuning.config import load_tune
     from tuning.sweep import format_leaderboard, register_best, run_sweep
 
     loaded = load_tune(args.config, args.overrides)
+    if args.register:  # before the sweep: a refused registry would waste it
+        check_cluster_paths({"--registry": args.registry})
     summary = run_sweep(loaded, restart=args.restart)
     print(format_leaderboard(summary))
     best = summary["best"]

@@ -70,13 +70,14 @@ def connect_ray(num_cpus: int | None = None, address: str | None = None) -> None
     ray.init(**kwargs)
 
 
-def check_cluster_paths(places: dict[str, str | None]) -> None:
-    """On a Ray cluster of several nodes (the one this process is connected to, or RAY_ADDRESS names),
-    refuse relative local paths (`places`: config field -> path). A command that starts its own Ray
-    starts one node: nothing to check."""
+def check_cluster_paths(places: dict[str, str | None], join: bool = True) -> None:
+    """On a Ray cluster of several nodes (the one this process is connected to, or, with `join`, the one
+    RAY_ADDRESS names), refuse relative local paths (`places`: config field -> path). A command that
+    starts its own Ray starts one node: nothing to check. The nodes alive now are counted: on a cluster
+    that starts with its head alone and adds workers later, give URIs or shared paths anyway."""
     import ray
 
-    if not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+    if not (ray.is_initialized() or (join and os.environ.get("RAY_ADDRESS"))):
         return
     connect_ray()
     storage.require_shared(places, sum(1 for n in ray.nodes() if n["Alive"]))

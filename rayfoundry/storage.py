@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,18 @@ def is_local(path: str) -> bool:
     return not is_uri(path) or path.startswith("file://")
 
 
+NAMED_STORES = ("databricks", "databricks-uc", "uc")  # MLflow tracking URIs that name a service, not a path
+
+
 def relative_local(path: str) -> bool:
     """A place named relative to the process's working directory: a plain relative path, or an MLflow
-    `sqlite:///relative.db` (an absolute one has four slashes)."""
+    `sqlite:///relative.db` (an absolute one has four slashes). URIs of any scheme (s3://, file:/abs,
+    databricks://profile) and MLflow's named stores are not."""
     if path.startswith("sqlite:///"):
         return not path.removeprefix("sqlite:///").startswith("/")
-    return not is_uri(path) and not os.path.isabs(path)
+    if path in NAMED_STORES or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", path):
+        return False
+    return not os.path.isabs(path)
 
 
 def require_shared(places: dict[str, str | None], nodes: int) -> None:

@@ -293,7 +293,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     from serve_deployments.config import ModelArgs, parse_args
 
     cfg = parse_args(ModelArgs, args, "model args")
-    check_cluster_paths({"registry": cfg.registry})  # every replica opens it, on whichever node it runs
+    # Every replica opens the registry, on whichever node it runs. Never connect from here: `serve run`
+    # builds the app before it connects with its own options.
+    check_cluster_paths({"registry": cfg.registry}, join=False)
     registry = Registry(cfg.registry)
     name, version = registry.resolve(cfg.model)
     _, pinned, alias = parse_ref(cfg.model)

@@ -100,7 +100,11 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     for flat, value in list(tensors.items()) + list(json.loads(meta["scalars"]).items()):
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except ValueError as e:  # other parameters than this model's (e.g. a model layout changed since)
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model's parameters ({e}); it was "
+                              f"saved for another model layout: --restart trains the run again") from None
 
 
 def scheduler_state(scheduler) -> dict[str, Any]:

@@ -230,10 +230,10 @@ def train(job: TrainJob, *, dry_run: bool = False, restart: bool = False, log=pr
 
 
 def ingest_options():
-    """Ray Data options for the workers' shards. Train builds its defaults from the DataContext of its
-    controller process, where the order is not preserved: shards then follow block locality, and rank k
-    reads other rows on another placement or attempt. In order, every rank reads the same rows on one
-    node or many and after a restart, so a resumed run ends exactly as an uninterrupted one."""
+    """Ray Data options for the workers' shards. Ray Train builds its defaults from the DataContext of the
+    actor that splits the datasets, where the order is not preserved, and then the split may follow block
+    locality: rank k could read other rows on another placement or attempt. In order, every rank reads
+    the same rows on one node or many and after a restart."""
     import copy
 
     from ray.data import DataContext

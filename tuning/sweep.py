@@ -44,8 +44,8 @@ SPEC_FILE = "rayfoundry_tune.json"
 
 def concurrency(spec: TuneJob, scaling, nodes: list[NodeShape]) -> tuple[int, str]:
     """(trials at once, the arithmetic that gave it) on a cluster of `nodes`. Ray Data's tasks take a
-    whole CPU on one node, so the reserve is kept whole on one node; on several nodes each trial is
-    counted on one node (its workers pack), unless no node can hold one."""
+    whole CPU on one node, so on several nodes the reserve is kept whole on one node and trials are
+    counted where they fit whole (`_per_node`)."""
     if scaling.num_workers == "auto":
         raise SweepError("scaling.num_workers: auto gives one run a whole node or every GPU, and a sweep's trials share "
                          "the cluster; set a number (e.g. 1)")
@@ -55,20 +55,15 @@ def concurrency(spec: TuneJob, scaling, nodes: list[NodeShape]) -> tuple[int, st
         raise SweepError(f"one trial needs {per_trial:g} CPUs (workers and driver) plus reserve_cpus {reserve:g}, "
                          f"but the cluster has {cpus:g}; lower scaling.cpus_per_worker or reserve_cpus")
     cpu_nodes = sorted((n.cpus for n in nodes if n.cpus > 0), reverse=True)
-    if len(cpu_nodes) == 1 or per_trial > cpu_nodes[0]:  # one node, or trials that span nodes
-        fits = math.floor((cpus - reserve) / per_trial + 1e-9)
+    if len(cpu_nodes) == 1:
+        fits = _floor(cpus - reserve, per_trial)
         rule = f"floor(({cpus:g} CPUs - reserve {reserve:g}) / {per_trial:g} per trial) = {fits}"
     else:
-        whole = [math.floor(c / per_trial + 1e-9) for c in cpu_nodes]
-        kept = max(range(len(cpu_nodes)), key=lambda j: math.floor((cpu_nodes[j] - reserve) / per_trial + 1e-9) - whole[j])
-        whole[kept] = max(0, math.floor((cpu_nodes[kept] - reserve) / per_trial + 1e-9))
-        fits = sum(whole)
-        rule = (f"{' + '.join(map(str, whole))} whole trials of {per_trial:g} CPUs on {len(cpu_nodes)} nodes "
-                f"({'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs), reserve {reserve:g} kept whole on one = {fits}")
+        fits, rule = _per_node(cpu_nodes, scaling.num_workers, scaling.cpus_per_worker, reserve)
         if fits < 1:
-            raise SweepError(f"one trial needs {per_trial:g} CPUs on one node plus reserve_cpus {reserve:g} whole on one "
-                             f"node, but the nodes have {'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs; lower "
-                             f"scaling.cpus_per_worker or reserve_cpus")
+            raise SweepError(f"one trial ({scaling.num_workers} x {scaling.cpus_per_worker:g} CPUs) plus reserve_cpus "
+                             f"{reserve:g} whole on one node does not fit on nodes of "
+                             f"{'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs; lower scaling.cpus_per_worker or reserve_cpus")
     bounds = {"num_samples": spec.num_samples, "cpu": fits}
     if scaling.use_gpu is True or (scaling.use_gpu == "auto" and gpus >= 1):
         bounds["gpu"] = math.floor(gpus / scaling.num_workers)
@@ -81,6 +76,29 @@ def concurrency(spec: TuneJob, scaling, nodes: list[NodeShape]) -> tuple[int, st
            + (f", GPUs {bounds['gpu']}" if "gpu" in bounds else "")
            + (f", max_concurrent_trials {spec.max_concurrent_trials}" if spec.max_concurrent_trials else "") + ")")
     return at_once, why
+
+
+def _floor(cpus: float, each: float) -> int:
+    return max(0, math.floor(cpus / each + 1e-9))
+
+
+def _per_node(cpu_nodes: list[float], workers: int, per_worker: float, reserve: float) -> tuple[int, str]:
+    """(trials at once, why) on several nodes: Ray Data's tasks need `reserve` CPUs whole on one node, so
+    one node big enough keeps it; workers are counted in the whole slots each node has left, and a trial
+    that fits on one node is counted on one node (each trial's driver is left out: 0.01 CPU)."""
+    best = (-1, "")
+    for kept in (j for j, c in enumerate(cpu_nodes) if c >= reserve):
+        left = [c - reserve if j == kept else c for j, c in enumerate(cpu_nodes)]
+        if workers * per_worker <= max(cpu_nodes):  # whole trials, each on one node
+            counts = [_floor(c, workers * per_worker + DRIVER_CPU) for c in left]
+            fits, unit = sum(counts), f"whole trials of {workers * per_worker + DRIVER_CPU:g} CPUs"
+        else:  # trials span nodes: worker slots
+            counts = [_floor(c, per_worker) for c in left]
+            fits, unit = sum(counts) // workers, f"worker slots of {per_worker:g} CPUs, {workers} per trial"
+        if fits > best[0]:
+            best = (fits, f"{' + '.join(map(str, counts))} {unit} on {len(cpu_nodes)} nodes "
+                          f"({'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs), reserve {reserve:g} kept whole on one = {fits}")
+    return max(best[0], 0), best[1]
 
 
 def _domain(kind: str, args: Any):

@@ -31,6 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: a file here without its marks still stays out of `make test`
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/tests/cluster/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass
 class SimCluster:
     """The running cluster: its `ray.cluster_utils.Cluster`, the worker nodes by name, their ingress

@@ -78,19 +78,21 @@ def test_a_node_lost_under_load_costs_only_its_in_flight_requests_and_the_replic
     base = f"http://127.0.0.1:{served.http_port}"  # the head's ingress: the node every client reaches
     victim_node = next(n for n in model_replicas().values() if served.name_of(n))
     victim = served.name_of(victim_node)
-    with Load(f"{base}/v2/models/digits/infer", digits_v2([ROW] * 4), clients=4) as load:
-        time.sleep(3)
-        with load.lock:
-            in_flight = load.in_flight
-        removed_at = time.perf_counter()
-        served.remove_worker(victim)
-        whole = wait_for(lambda: len(model_replicas()) >= REPLICAS and victim_node not in model_replicas().values()
-                         and running_replicas(APP) >= REPLICAS, 120)
-        time.sleep(3)
-        settled = time.perf_counter()
-        time.sleep(3)
-        after = load.between(settled, time.perf_counter())
-    served.add_worker()  # the next tests get a full cluster again
+    try:
+        with Load(f"{base}/v2/models/digits/infer", digits_v2([ROW] * 4), clients=4) as load:
+            time.sleep(3)
+            with load.lock:
+                in_flight = load.in_flight  # on every replica: a bound on those of the lost node
+            removed_at = time.perf_counter()
+            served.remove_worker(victim)
+            whole = wait_for(lambda: len(model_replicas()) >= REPLICAS and victim_node not in model_replicas().values()
+                             and running_replicas(APP) >= REPLICAS, 120)
+            time.sleep(3)
+            settled = time.perf_counter()
+            time.sleep(3)
+            after = load.between(settled, time.perf_counter())
+    finally:
+        served.add_worker()  # the next tests get a full cluster again
     failed = [a for a in load.answers if a[2] != 200]
     during = [a for a in load.answers if a[0] >= removed_at]
     print(f"\nnode loss under load: {len(during)} requests after the loss, {len(failed)} failed "

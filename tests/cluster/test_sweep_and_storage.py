@@ -50,8 +50,9 @@ def test_relative_local_paths_are_refused_on_a_multi_node_cluster_naming_the_fie
     raw[section] = raw.get(section, {}) | {key: value}
     with pytest.raises(ConfigError) as refused:
         train(parse_job(raw), log=print)
+    nodes = 1 + len(sim_cluster.workers)  # the head is a node too
     assert str(refused.value).startswith(f"{field} {value!r} is a relative local path, which each of this "
-                                         f"cluster's 4 nodes resolves on its own disk; give a URI"), refused.value
+                                         f"cluster's {nodes} nodes resolves on its own disk; give a URI"), refused.value
     assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
@@ -59,8 +60,8 @@ def test_a_registry_given_as_a_relative_path_is_refused_by_the_model_application
     from rayfoundry.errors import ConfigError
     from serve_deployments.model import build_app
 
-    with pytest.raises(ConfigError, match=r"^registry 'registry' is a relative local path, which each of this "
-                                          r"cluster's 4 nodes resolves on its own disk"):
+    with pytest.raises(ConfigError, match=rf"^registry 'registry' is a relative local path, which each of this "
+                                          rf"cluster's {1 + len(sim_cluster.workers)} nodes resolves on its own disk"):
         build_app({"registry": "registry", "model": "digits"})
 
 

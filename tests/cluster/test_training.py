@@ -106,11 +106,16 @@ def test_a_node_lost_mid_epoch_resumes_from_its_checkpoint_and_ends_as_an_uninte
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(summary=train(job, log=print)), daemon=True)
     runner.start()
-    first = tmp_path / "node_loss" / "epoch_0001"
+    # Ray Train lists a checkpoint in its snapshot once every rank's part of it is stored.
+    snapshot = tmp_path / "node_loss" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> bool:
+        return snapshot.exists() and '"checkpoint_dir_name":"epoch_0001"' in snapshot.read_text()
+
     deadline = time.monotonic() + 300
-    while not first.exists() and runner.is_alive() and time.monotonic() < deadline:
+    while not registered() and runner.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert first.exists(), "the run wrote no first checkpoint"
+    assert registered(), "the run stored no first checkpoint"
     # The node of a Train worker (not the head): its death ends that worker's process mid-epoch 2.
     workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
                if "TrainWorker" in a["class_name"] and sim_cluster.name_of(a["node_id"])]
@@ -121,6 +126,7 @@ def test_a_node_lost_mid_epoch_resumes_from_its_checkpoint_and_ends_as_an_uninte
     # The run keeps one worker per node: it waits for a third node, as an autoscaler would provide one.
     time.sleep(2)
     replacement = sim_cluster.add_worker()
+    assert runner.is_alive()  # still waiting for its third node: the loss cost the run a restart
     runner.join(600)
     assert not runner.is_alive()
     summary = outcome["summary"]

@@ -274,3 +274,25 @@ def test_checkpoint_missing_a_ranks_files_is_refused(tmp_path):
                     job_yaml=JOB_YAML)  # rank 1 never wrote its part
     with pytest.raises(CheckpointError, match=r"checksums\.rank1\.json: missing; rank 1 never finished"):
         load_trainer_state(tmp_path, cnn_engine(seed=1), rank=0)
+
+
+def test_optimizer_state_of_another_model_layout_is_a_checkpoint_error_naming_the_file(tmp_path):
+    """A CNN run saved when the convs had a bias: its weights load (the bias folds into BatchNorm), but
+    its optimizer state holds two parameters more, which is refused with the way out, not a crash."""
+    from trainers.checkpoint import load_optimizer, save_optimizer
+    from trainers.models import build_model
+    from trainers.strategy import build_optimizer
+
+    cfg, labels = CNNModel(type="cnn", channels=[8, 16], hidden=32), [str(i) for i in range(10)]
+    older = build_model(cfg, labels)
+    for i in (0, 3):  # the layout before: Conv2d(..., bias=True)
+        conv = older.body[i]
+        older.body[i] = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+    optimizer = build_optimizer(older, OptimSection())
+    older(features=torch.rand(4, 64) * 16).sum().backward()
+    optimizer.step()
+    save_optimizer(optimizer, tmp_path / "optimizer.safetensors")
+    current = build_optimizer(build_model(cfg, labels), OptimSection())
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: the optimizer state does not fit this model's "
+                                              r"parameters .*--restart trains the run again"):
+        load_optimizer(current, tmp_path / "optimizer.safetensors")

@@ -15,7 +15,8 @@ from trainers.strategy import gather_strings
 @pytest.mark.parametrize(("path", "relative"), [
     ("runs", True), ("./runs", True), ("../shared/runs", True), ("sqlite:///mlflow.db", True),
     ("/mnt/nfs/runs", False), ("s3://bucket/runs", False), ("gs://b/r", False), ("file:///mnt/nfs/runs", False),
-    ("sqlite:////mnt/nfs/mlflow.db", False), ("http://mlflow:5000", False)])
+    ("sqlite:////mnt/nfs/mlflow.db", False), ("http://mlflow:5000", False), ("databricks", False),
+    ("databricks://profile", False), ("file:/mnt/nfs/mlruns", False), ("mlruns", True)])
 def test_relative_local_paths_are_those_a_working_directory_decides(path, relative):
     assert relative_local(path) is relative
 

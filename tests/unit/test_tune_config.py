@@ -73,7 +73,9 @@ def nodes(*cpus: float, gpus: float = 0) -> list[NodeShape]:
     (1, 1.0, nodes(1000), 8, 8),              # never more than num_samples
     (1, 1.0, nodes(0, 2, 2, 2), 8, 2),        # 1.01 per trial: one per 2-CPU node, and one node keeps a whole CPU
     (1, 0.45, nodes(0, 2, 2, 2), 16, 10),     # 4 + 4 on two nodes, 2 beside the reserve on the third
-    (2, 1.0, nodes(1, 1, 1, 1), 8, 1),        # no node holds a 2.01-CPU trial: it spans nodes, counted in total
+    (2, 1.0, nodes(1, 1, 1, 1), 8, 1),        # no node holds a 2.01-CPU trial: 3 worker slots beside the reserve
+    (2, 1.5, nodes(2, 2, 2, 2), 8, 1),        # spanning trials: one 1.5-CPU slot per node, none beside the reserve
+    (1, 0.5, nodes(4, 4, 0.5), 32, 12),       # the reserve goes on a node that holds it: 5 + 7 + 0
 ])
 def test_trials_at_once_follow_the_resource_rule(workers, cpus, cluster, samples, expected):
     spec = load_tune(TUNE_DIGITS, [f"num_samples={samples}"]).spec
