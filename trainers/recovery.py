@@ -40,6 +40,17 @@ def _kept_checkpoints(run_dir: str) -> list[ray.train.Checkpoint]:
     return [ray.train.Checkpoint(path=d, filesystem=fs) for d in dirs]
 
 
+def checkpoint_name(run_dir: str, epoch: int) -> str:
+    """The directory an epoch's checkpoint goes to: epoch_NNNN, or epoch_NNNN_K when a checkpoint of that
+    name is already there (one skipped as corrupt: the run resumed from before it and trains that epoch
+    again). Ray Train lists every reported checkpoint: a second epoch_NNNN would be deleted with the first."""
+    base = f"epoch_{epoch:04d}"
+    name, k = base, 1
+    while storage.kind(storage.join(run_dir, name)) != "missing":
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
 def resume(engine, rank: int, run_dir: str, init: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
     """Restore the newest usable checkpoint into `engine`; returns its trainer state (or None for a fresh
     start) and one note per checkpoint skipped as corrupt. `init` (a checkpoint of another run, e.g. the

@@ -30,7 +30,7 @@ from trainers.hardware import resolve_precision
 from trainers.loop import classification_metrics, evaluate, train_epoch
 from trainers.models import build_model, load_tokenizer, model_config
 from trainers.ray_data import PadCollate
-from trainers.recovery import InjectedExit, resume
+from trainers.recovery import InjectedExit, checkpoint_name, resume
 from trainers.strategy import agree_min, all_reduce_sum, apply_hyperparameters, build_engine, gather_strings, relayout_schedule
 from trainers.summary import ENDED_EARLY
 
@@ -238,6 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if dry_run:
             ray.train.report(metrics)
             break
+        name = gather_strings(checkpoint_name(config["run_dir"], epoch) if rank == 0 else "")[0]  # rank 0's choice
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), rank=rank, engine=engine, own_config=own_config, tokenizer=tokenizer,
                             label_map=label_map,
@@ -246,7 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            "ended_by": ended_by},
                             job_yaml=yaml.safe_dump(json.loads(job.model_dump_json()), sort_keys=False))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+                             checkpoint_dir_name=name)
         if clock is not None:
             clock.epoch_ended(time.perf_counter() - trained)
         if ended_by is not None:

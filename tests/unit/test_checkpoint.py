@@ -296,3 +296,16 @@ def test_optimizer_state_of_another_model_layout_is_a_checkpoint_error_naming_th
     with pytest.raises(CheckpointError, match=r"optimizer.safetensors: the optimizer state does not fit this model's "
                                               r"parameters .*--restart trains the run again"):
         load_optimizer(current, tmp_path / "optimizer.safetensors")
+
+
+def test_an_epoch_trained_again_gets_a_checkpoint_name_of_its_own(tmp_path):
+    """Resumed from before a corrupt epoch_0008, the run trains epoch 8 again: its checkpoint must not
+    reuse that directory, which Ray Train still lists and will delete."""
+    from trainers.recovery import checkpoint_name
+
+    assert checkpoint_name(str(tmp_path), 8) == "epoch_0008"
+    (tmp_path / "epoch_0008").mkdir()
+    assert checkpoint_name(str(tmp_path), 8) == "epoch_0008_1"
+    (tmp_path / "epoch_0008_1").mkdir()
+    assert checkpoint_name(f"file://{tmp_path}", 8) == "epoch_0008_2"
+    assert sorted(["epoch_0009", "epoch_0008_1", "epoch_0008"]) == ["epoch_0008", "epoch_0008_1", "epoch_0009"]
