@@ -29,9 +29,8 @@ def _fold_conv_bias(state_dict, prefix, *_):
     BatchNorm(conv(x)) with running mean m - b, in training and in eval."""
     for key in [k for k in state_dict if k.startswith(f"{prefix}body.") and k.endswith(".bias")]:
         index = int(key.removeprefix(f"{prefix}body.").split(".")[0])
-        mean = f"{prefix}body.{index + 1}.running_mean"
-        if mean in state_dict and f"{prefix}body.{index}.weight" in state_dict and \
-                state_dict[f"{prefix}body.{index}.weight"].dim() == 4:
+        weight, mean = state_dict.get(f"{prefix}body.{index}.weight"), f"{prefix}body.{index + 1}.running_mean"
+        if weight is not None and weight.dim() == 4 and mean in state_dict:  # a conv, then its BatchNorm
             state_dict[mean] = state_dict[mean] - state_dict.pop(key)
 
 

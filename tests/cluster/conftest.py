@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.integration.serving import free_port
+
 WORKER_NODES = 3
 WORKER_CPUS = 2
 OBJECT_STORE = 256 * 2**20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def cli_env() -> dict[str, str]:
+    """The environment for a CLI run against the cluster by its address (`--address`), not RAY_ADDRESS."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: a file here without its marks still stays out of `make test`

@@ -4,7 +4,6 @@ requests in flight on it, visibly, while the replicas come back on the other nod
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
@@ -15,6 +14,7 @@ import yaml
 from benchmarks.serve_events import Load, running_replicas, wait_for
 from model_registry.export import ExportJob, export
 from serve_deployments.app import MODEL_DEPLOYMENT
+from tests.cluster.conftest import cli_env
 from tests.conftest import REPO
 from tests.integration.serving import digits_v2
 
@@ -49,7 +49,7 @@ def served(sim_cluster, tmp_path_factory, checkpoints):
                                             "autoscaling": {"min_replicas": REPLICAS, "max_replicas": REPLICAS}})}
     path = tmp / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = cli_env()
     deploy = subprocess.run(["serve", "deploy", str(path), "--address", sim_cluster.dashboard], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]

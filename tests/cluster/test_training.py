@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.builders import job_for
+from tests.cluster.conftest import cli_env
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # `make test-cluster` runs these
@@ -77,7 +78,7 @@ def submit_train(dashboard: str, storage: str) -> subprocess.CompletedProcess:
                "python", "-m", "ray_apps", "train", "--config", "ray_apps/configs/digits_cnn.yaml",
                "--set", f"run.storage_path={storage}", "--set", "run.epochs=2", "--set", "scaling.num_workers=auto",
                "--set", "scaling.cpus_per_worker=1", "--set", "optim.batch_size=48", "--set", "tracking.backend=none"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = cli_env()
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
