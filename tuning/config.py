@@ -48,6 +48,9 @@ class PBT(Section):
     perturbation_interval: int = Field(2, ge=1, description="Epochs between exploit/explore steps of a trial.")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="Bottom share that copies the top share.")
     resample_probability: float = Field(0.25, ge=0, le=1, description="Chance a mutated value is resampled from the space.")
+    synch: bool = Field(False, description="Exploit only when every running trial has reached the perturbation point "
+                        "(trials wait for the slowest); false exploits against whatever the others last reported, "
+                        "and a trial that already finished is never a donor.")
 
 
 class FIFO(Section):

@@ -125,7 +125,7 @@ def build_scheduler(spec: TuneJob, epochs: int):
         return PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                                        quantile_fraction=s.quantile_fraction,
                                        resample_probability=s.resample_probability,
-                                       hyperparam_mutations=param_space(spec), synch=False)
+                                       hyperparam_mutations=param_space(spec), synch=s.synch)
     return FIFOScheduler()
 
 

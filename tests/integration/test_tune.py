@@ -148,7 +148,7 @@ def test_pbt_continues_a_weak_trial_from_a_strong_trials_checkpoint(ray_cluster,
 
     config = _sweep_yaml(tmp_path, num_samples=2, run={"storage_path": str(tmp_path), "name": "pbt"},
                          scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5,
-                                    "resample_probability": 0.0}, train={"run": {"epochs": 3}})
+                                    "resample_probability": 0.0, "synch": True}, train={"run": {"epochs": 3}})
     summary = run_sweep(load_tune(config), log=lambda *_: None)
     rows = {Path(r["path"]).name: r for r in summary["leaderboard"]}
     cloned = []
