@@ -63,7 +63,7 @@ def concurrency(spec: TuneJob, scaling, nodes: list[NodeShape]) -> tuple[int, st
         if fits < 1:
             raise SweepError(f"one trial ({scaling.num_workers} x {scaling.cpus_per_worker:g} CPUs) plus reserve_cpus "
                              f"{reserve:g} whole on one node does not fit on nodes of "
-                             f"{'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs; lower scaling.cpus_per_worker or reserve_cpus")
+                             f"{_shape(cpu_nodes)} CPUs; lower scaling.cpus_per_worker or reserve_cpus")
     bounds = {"num_samples": spec.num_samples, "cpu": fits}
     if scaling.use_gpu is True or (scaling.use_gpu == "auto" and gpus >= 1):
         bounds["gpu"] = math.floor(gpus / scaling.num_workers)
@@ -82,22 +82,26 @@ def _floor(cpus: float, each: float) -> int:
     return max(0, math.floor(cpus / each + 1e-9))
 
 
+def _shape(cpu_nodes: list[float]) -> str:
+    return "/".join(f"{c:g}" for c in cpu_nodes)
+
+
 def _per_node(cpu_nodes: list[float], workers: int, per_worker: float, reserve: float) -> tuple[int, str]:
     """(trials at once, why) on several nodes: Ray Data's tasks need `reserve` CPUs whole on one node, so
     one node big enough keeps it; workers are counted in the whole slots each node has left, and a trial
     that fits on one node is counted on one node (each trial's driver is left out: 0.01 CPU)."""
+    if workers * per_worker <= max(cpu_nodes):  # whole trials, each on one node
+        each = workers * per_worker + DRIVER_CPU
+        per_trial, unit = 1, f"whole trials of {each:g} CPUs"
+    else:  # trials span nodes: worker slots
+        each, per_trial, unit = per_worker, workers, f"worker slots of {per_worker:g} CPUs, {workers} per trial"
     best = (-1, "")
     for kept in (j for j, c in enumerate(cpu_nodes) if c >= reserve):
-        left = [c - reserve if j == kept else c for j, c in enumerate(cpu_nodes)]
-        if workers * per_worker <= max(cpu_nodes):  # whole trials, each on one node
-            counts = [_floor(c, workers * per_worker + DRIVER_CPU) for c in left]
-            fits, unit = sum(counts), f"whole trials of {workers * per_worker + DRIVER_CPU:g} CPUs"
-        else:  # trials span nodes: worker slots
-            counts = [_floor(c, per_worker) for c in left]
-            fits, unit = sum(counts) // workers, f"worker slots of {per_worker:g} CPUs, {workers} per trial"
+        counts = [_floor(c - reserve if j == kept else c, each) for j, c in enumerate(cpu_nodes)]
+        fits = sum(counts) // per_trial
         if fits > best[0]:
-            best = (fits, f"{' + '.join(map(str, counts))} {unit} on {len(cpu_nodes)} nodes "
-                          f"({'/'.join(f'{c:g}' for c in cpu_nodes)} CPUs), reserve {reserve:g} kept whole on one = {fits}")
+            best = (fits, f"{' + '.join(map(str, counts))} {unit} on {len(cpu_nodes)} nodes ({_shape(cpu_nodes)} CPUs), "
+                          f"reserve {reserve:g} kept whole on one = {fits}")
     return max(best[0], 0), best[1]
 
 
